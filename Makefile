@@ -1,0 +1,25 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv if missing, install, run the main job on the built-in example
+#   make test   - create .venv if missing, install, run the tests
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m onnx_basisprune examples/digits/model.onnx --calib examples/digits/calib -o build/demo/digits.pruned.onnx --report build/demo/report.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build $(VENV)
