@@ -1,0 +1,263 @@
+"""The Python API the CLI is a thin layer over: ``inspect``, ``decompose`` and ``prune``.
+
+    >>> from onnx_basisprune import prune
+    >>> result = prune("model.onnx", energy=0.99)
+    >>> result.save("model.pruned.onnx"); print(result.pruned.params / result.original.params)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import ranks
+from .cost import ModelCost, count_params, model_cost
+from .errors import BasisPruneError
+from .layers import Layer, find_layers
+from .modelio import load_model, save_model
+from .normalize import normalize
+from .rewrite import ApplyDecisionsPass, Decision
+from .shapes import ShapeTable, infer_shapes
+from .svd import energy_rank
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+@dataclass
+class Prepared:
+    """A normalised copy of the user's model with its splittable layers analysed."""
+
+    model: ir.Model
+    layers: dict[str, Layer]
+    shapes: ShapeTable
+    original: ModelCost
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+
+    def splittable(self) -> dict[str, Layer]:
+        return {name: layer for name, layer in self.layers.items() if layer.skip_reason is None}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op: str
+    weight_shape: list[int]
+    full_rank: int
+    break_even_rank: int
+    kept_rank: int | None
+    action: str
+    reason: str
+    params: int
+    pruned_params: int
+    macs: int
+    pruned_macs: int
+
+
+@dataclass
+class PruneResult:
+    model: ir.Model
+    original: ModelCost
+    pruned: ModelCost
+    layers: list[LayerReport]
+    extra: dict = field(default_factory=dict)
+
+    def to_proto(self) -> onnx.ModelProto:
+        return ir.to_proto(self.model)
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_model(self.model, path)
+
+    def to_json(self) -> dict:
+        return {
+            "original": asdict(self.original),
+            "pruned": asdict(self.pruned),
+            "layers": [asdict(layer) for layer in self.layers],
+            **self.extra,
+        }
+
+
+def _as_ir(model: ModelLike) -> ir.Model:
+    """A private ir.Model the pipeline may change freely: the caller's object is never touched."""
+    if isinstance(model, ir.Model):
+        return ir.serde.deserialize_model(ir.to_proto(model))
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(copy.deepcopy(model))
+    return load_model(model)
+
+
+def prepare(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Prepared:
+    """Load (or copy), normalise, infer shapes and analyse every Conv/Gemm/MatMul."""
+    irm = _as_ir(model)
+    params = count_params(irm)
+    try:
+        normalize(irm)
+    except Exception as exc:  # a pass failing on a malformed graph
+        raise BasisPruneError(f"could not normalise the model: {str(exc).splitlines()[0]}") from None
+    shapes = infer_shapes(irm, input_shapes)
+    layers = find_layers(irm, shapes)
+    if not layers:
+        raise BasisPruneError("nothing to decompose: the model has no Conv, Gemm or MatMul with a constant weight")
+    if not any(layer.skip_reason is None for layer in layers.values()):
+        reasons = sorted({layer.skip_reason for layer in layers.values()})
+        raise BasisPruneError(f"nothing to decompose: all {len(layers)} layers are skipped ({'; '.join(reasons)})")
+    original = ModelCost(params=params, macs=model_cost(irm, shapes).macs)
+    return Prepared(irm, layers, shapes, original, input_shapes)
+
+
+def apply_plan(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False) -> PruneResult:
+    """Rewrite the prepared model (a copy unless ``in_place``) by ``plan`` and measure it."""
+    model = prepared.model if in_place else ir.serde.deserialize_model(ir.to_proto(prepared.model))
+    ApplyDecisionsPass(prepared.layers, dict(plan))(model)
+    pruned = model_cost(model, infer_shapes(model, prepared.input_shapes))
+    return PruneResult(model, prepared.original, pruned, layer_reports(prepared.layers, plan))
+
+
+def layer_reports(layers: Mapping[str, Layer], plan: Mapping[str, Decision]) -> list[LayerReport]:
+    reports = []
+    for name, layer in layers.items():
+        decision = plan.get(name) or Decision("kept", "not selected")
+        reports.append(
+            LayerReport(
+                name=name,
+                op=layer.op,
+                weight_shape=list(layer.weight_shape),
+                full_rank=layer.full_rank,
+                break_even_rank=layer.break_even_rank,
+                kept_rank=decision.rank,
+                action=decision.action,
+                reason=decision.reason,
+                params=layer.params,
+                pruned_params=ranks.layer_params(layer, decision),
+                macs=layer.macs,
+                pruned_macs=ranks.layer_macs(layer, decision),
+            )
+        )
+    return reports
+
+
+def decompose(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> PruneResult:
+    """Split every splittable layer at full rank: the result computes the same function."""
+    prepared = prepare(model, input_shapes)
+    return apply_plan(prepared, ranks.full_rank_plan(prepared.layers), in_place=True)
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise BasisPruneError(f"{name} must be in (0, 1], got {value}")
+
+
+def data_free_plan(
+    prepared: Prepared,
+    *,
+    energy: float | None = None,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    provider: str = "cpu",
+) -> dict[str, Decision]:
+    """Plan by singular-value energy: per layer (``energy``) or under a global budget."""
+    block = ranks.block_size(provider)
+    if target_params is None and target_macs is None:
+        return ranks.energy_plan(prepared.layers, 0.99 if energy is None else energy, block)
+    scores = {name: ranks.energy_scores(layer) for name, layer in prepared.splittable().items()}
+    return budget_plan(prepared, scores, target_params=target_params, target_macs=target_macs, block=block)
+
+
+def budget_plan(
+    prepared: Prepared,
+    scores: Mapping[str, ranks.LayerScores],
+    *,
+    target_params: float | None,
+    target_macs: float | None,
+    block: int,
+) -> dict[str, Decision]:
+    """The least pruning (by global score threshold) that meets a params or MACs fraction."""
+    layers = prepared.layers
+    if target_params is not None:
+        other = prepared.original.params - sum(layer.params for layer in layers.values())
+        budget = target_params * prepared.original.params
+
+        def measure(plan: dict[str, Decision]) -> float:
+            return other + sum(ranks.layer_params(layers[n], d) for n, d in plan.items())
+
+        label, value = "params", target_params
+    else:
+        other = prepared.original.macs - sum(layer.macs for layer in layers.values())
+        budget = target_macs * prepared.original.macs
+
+        def measure(plan: dict[str, Decision]) -> float:
+            return other + sum(ranks.layer_macs(layers[n], d) for n, d in plan.items())
+
+        label, value = "MACs", target_macs
+    plan = ranks.budget_plan(layers, scores, measure, budget, block)
+    if plan is None:
+        floor = measure(ranks.threshold_plan(layers, scores, np.inf, block))
+        total = prepared.original.params if label == "params" else prepared.original.macs
+        raise BasisPruneError(
+            f"target {label} {value:g} is out of reach: the strongest basis pruning keeps {floor / total:.3f}"
+        )
+    return plan
+
+
+def prune(
+    model: ModelLike,
+    *,
+    energy: float | None = None,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    provider: str = "cpu",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> PruneResult:
+    """Data-free pruning: keep per layer the bases covering ``energy`` (default 0.99) of the
+    squared singular values, or meet ``target_params`` / ``target_macs`` (fraction that remains)."""
+    if sum(x is not None for x in (energy, target_params, target_macs)) > 1:
+        raise BasisPruneError("give one of energy, target_params, target_macs")
+    for name, value in (("energy", energy), ("target_params", target_params), ("target_macs", target_macs)):
+        _check_fraction(name, value)
+    prepared = prepare(model, input_shapes)
+    plan = data_free_plan(prepared, energy=energy, target_params=target_params, target_macs=target_macs, provider=provider)
+    return apply_plan(prepared, plan, in_place=True)
+
+
+@dataclass
+class InspectRow:
+    name: str
+    op: str
+    weight_shape: list[int]
+    full_rank: int
+    break_even_rank: int
+    rank_90: int | None
+    rank_99: int | None
+    rank_999: int | None
+    params: int
+    macs: int
+    note: str
+
+
+def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[Prepared, list[InspectRow]]:
+    """Per layer: op, weight shape, full and break-even rank, ranks at 90/99/99.9% energy, cost."""
+    prepared = prepare(model, input_shapes)
+    rows = []
+    for layer in prepared.layers.values():
+        at = (lambda e: energy_rank(layer.svd.s, e)) if layer.svd is not None else (lambda e: None)
+        rows.append(
+            InspectRow(
+                name=layer.name,
+                op=layer.op,
+                weight_shape=list(layer.weight_shape),
+                full_rank=layer.full_rank,
+                break_even_rank=layer.break_even_rank,
+                rank_90=at(0.90),
+                rank_99=at(0.99),
+                rank_999=at(0.999),
+                params=layer.params,
+                macs=layer.macs,
+                note=layer.skip_reason or "",
+            )
+        )
+    return prepared, rows

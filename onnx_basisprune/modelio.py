@@ -1,0 +1,80 @@
+"""Loading and saving models safely: clear errors for bad files, atomic writes, external data.
+
+The input file is only ever read. Output goes to a temporary folder beside the destination and is
+renamed into place once complete, so a failure never leaves a half-written model behind. Models
+whose tensors exceed protobuf's 2 GB limit are saved with their weights in ``<name>.data``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from .errors import BasisPruneError
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of tensor data above which weights go external
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Read and check an ONNX file; raise :class:`BasisPruneError` with one line on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise BasisPruneError(f"{path}: no such file")
+    if not path.is_file():
+        raise BasisPruneError(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise BasisPruneError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise BasisPruneError(f"{path}: not an ONNX model (no graph)")
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, OSError, ValueError) as exc:
+        raise BasisPruneError(f"{path}: the model fails onnx.checker: {_first_line(exc)}") from None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; return the files written (model, external data)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BasisPruneError(f"{path}: output path is a directory")
+    if not path.parent.is_dir():
+        raise BasisPruneError(f"{path}: output folder {path.parent} does not exist")
+    external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".basisprune-", dir=path.parent))
+    except OSError as exc:
+        raise BasisPruneError(f"{path}: cannot write the output ({exc.strerror})") from None
+    try:
+        tmp_model = tmp_dir / path.name
+        ir.save(model, tmp_model, external_data=data_name if external else None)
+        written = [path]
+        if external:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+            written.append(path.parent / data_name)
+        os.replace(tmp_model, path)
+        return written
+    except OSError as exc:
+        raise BasisPruneError(f"{path}: cannot write the output ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""Pure numerical core: the basis split of a weight, truncation and recomposition.
+
+A layer's weight is viewed per group as a matrix ``W_g`` of shape ``(out_g, fan_in)``:
+for a Conv that is ``(C_out/g, C_in/g * prod(kernel))``, for a fully connected layer
+``(N_out, K)`` with ``y = x @ W.T``. Its SVD ``W_g = U_g diag(S_g) V_g^T`` is computed in
+float64 and gives
+
+* the *basis* filters: the rows of ``V_g^T`` (orthonormal), and
+* the *scaling* matrix: ``U_g diag(S_g)`` (each basis feature scaled by its singular value,
+  times the basis scaling factor, which starts at 1), mapping back to the original outputs.
+
+Signs are made deterministic: the entry of largest magnitude in each basis filter is positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GroupedSVD:
+    """SVD of a (possibly grouped) weight, one factorisation per group, all in float64.
+
+    Shapes: ``u`` (groups, out_g, r), ``s`` (groups, r), ``vt`` (groups, r, fan_in),
+    with ``r = min(out_g, fan_in)`` the full rank bound.
+    """
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+
+    @property
+    def groups(self) -> int:
+        return self.s.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.s.shape[1]
+
+
+def grouped_svd(weight_matrices: np.ndarray) -> GroupedSVD:
+    """SVD of a stack of per-group matrices ``(groups, out_g, fan_in)`` in float64."""
+    w = np.asarray(weight_matrices, dtype=np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    # Deterministic signs: the largest-magnitude entry of every basis filter is positive.
+    pivot = np.take_along_axis(vt, np.abs(vt).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    signs = np.where(pivot < 0, -1.0, 1.0)
+    return GroupedSVD(u=u * signs[:, None, :], s=s, vt=vt * signs[:, :, None])
+
+
+def conv_weight_matrices(weight: np.ndarray, groups: int) -> np.ndarray:
+    """Conv weight ``(C_out, C_in/g, *k)`` -> per-group matrices ``(g, C_out/g, C_in/g * prod(k))``."""
+    c_out = weight.shape[0]
+    return weight.reshape(groups, c_out // groups, -1)
+
+
+def basis_conv_weight(svd: GroupedSVD, keep: np.ndarray, kernel_in_shape: tuple[int, ...]) -> np.ndarray:
+    """Weight of the basis Conv: kept rows of ``V^T`` per group, ``(g*r, C_in/g, *k)``.
+
+    ``keep`` is an integer index array ``(groups, r)`` of the bases kept in each group.
+    """
+    rows = np.take_along_axis(svd.vt, keep[:, :, None], axis=1)
+    return rows.reshape(-1, *kernel_in_shape)
+
+
+def scaling_matrix(svd: GroupedSVD, keep: np.ndarray) -> np.ndarray:
+    """Kept columns of ``U diag(S)`` per group, ``(groups, out_g, r)``."""
+    us = svd.u * svd.s[:, None, :]
+    return np.take_along_axis(us, keep[:, None, :], axis=2)
+
+
+def recompose(svd: GroupedSVD, keep: np.ndarray) -> np.ndarray:
+    """Truncated weight ``U_r S_r V_r^T`` per group, ``(groups, out_g, fan_in)``."""
+    rows = np.take_along_axis(svd.vt, keep[:, :, None], axis=1)
+    return scaling_matrix(svd, keep) @ rows
+
+
+def energy_rank(s: np.ndarray, energy: float) -> int:
+    """Smallest rank whose squared singular values cover ``energy`` of the total, over all groups.
+
+    ``s`` is ``(groups, r)``; the same rank is used in every group (a grouped Conv needs it),
+    so the answer is the largest of the per-group ranks.
+    """
+    sq = np.asarray(s, dtype=np.float64) ** 2
+    total = sq.sum(axis=1, keepdims=True)
+    total[total == 0] = 1.0
+    covered = np.cumsum(sq, axis=1) / total
+    ranks = (covered < energy - 1e-12).sum(axis=1) + 1
+    return int(min(ranks.max(), s.shape[1]))
+
+
+def top_keep(groups: int, rank: int) -> np.ndarray:
+    """Index array keeping the ``rank`` leading bases of every group."""
+    return np.tile(np.arange(rank), (groups, 1))
