@@ -129,7 +129,7 @@ def layer_reports(layers: Mapping[str, Layer], plan: Mapping[str, Decision]) -> 
                 weight_shape=list(layer.weight_shape),
                 full_rank=layer.full_rank,
                 break_even_rank=layer.break_even_rank,
-                kept_rank=decision.rank,
+                kept_rank=layer.full_rank if decision.action == "kept" else decision.rank,
                 action=decision.action,
                 reason=decision.reason,
                 params=layer.params,

@@ -22,6 +22,24 @@ from onnxscript.rewriter.rules.common import (
 _FOLD_LIMIT = 1 << 62
 
 
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold BatchNormalization into the preceding Conv/Gemm (onnxscript's rules), keeping the
+    Conv/Gemm node's name so reports and metadata still point at the layer the user knows."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        names = {}
+        for node in model.graph:
+            producer = node.inputs[0].producer() if node.op_type == "BatchNormalization" and node.inputs else None
+            if producer is not None and producer.op_type in ("Conv", "Gemm") and producer.name:
+                names[node.outputs[0].name] = producer.name
+        rules = rewriter.RewriteRuleSet([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule])
+        result = rewriter.RewritePass(rules)(model)
+        for node in model.graph:
+            if node.outputs and node.outputs[0].name in names and node.op_type != "BatchNormalization":
+                node.name = names[node.outputs[0].name]
+        return ir.passes.PassResult(model, result.modified)
+
+
 def normalising_passes() -> ir.passes.Sequential:
     """The pass pipeline; exposed so tests can run it alone."""
     return ir.passes.Sequential(
@@ -29,9 +47,7 @@ def normalising_passes() -> ir.passes.Sequential:
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         FoldConstantsPass(shape_inference=False, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        rewriter.RewritePass(
-            rewriter.RewriteRuleSet([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule])
-        ),
+        FoldBatchNormPass(),
         common.RemoveUnusedNodesPass(),
         common.NameFixPass(),
         common.TopologicalSortPass(),

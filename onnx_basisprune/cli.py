@@ -1,0 +1,174 @@
+"""Command line: a thin shell over the Python API.
+
+    onnx-basisprune MODEL.onnx [--calib DIR] [-o OUT.onnx] [targets] [--report R.json]
+    onnx-basisprune inspect MODEL.onnx
+    onnx-basisprune bench A.onnx [B.onnx ...]
+
+Errors in the user's input print one line and exit with code 2; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import BasisPruneError
+
+PROG = "onnx-basisprune"
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    try:
+        name, dims = text.split("=", 1)
+        return name, tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224, got '{text}'") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Shrink an exported ONNX CNN by basis scaling: split every Conv/Gemm into an SVD "
+        "basis layer and a scaling layer, then drop the bases that matter least (by Taylor importance "
+        "on your calibration data with --calib, else by singular-value energy).",
+        epilog=f"Other modes: '{PROG} inspect MODEL.onnx' (per-layer ranks) and '{PROG} bench A.onnx B.onnx' "
+        f"(onnxruntime latency; see '{PROG} bench -h').",
+    )
+    parser.add_argument("model", help="input ONNX model (never modified)")
+    parser.add_argument("-o", "--output", help="output model (default: MODEL.pruned.onnx beside the input)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--energy", type=_fraction, help="keep per layer the bases covering this fraction of the squared singular values (data-free; default 0.99 without --calib)")
+    target.add_argument("--target-params", type=_fraction, metavar="F", help="keep this fraction of the parameters")
+    target.add_argument("--target-macs", type=_fraction, metavar="F", help="keep this fraction of the MACs")
+    target.add_argument("--max-drop", type=float, metavar="P", help="with --calib: strongest pruning whose held-out quality drops at most P points (default 1)")
+    target.add_argument("--full-rank", action="store_true", help="only decompose at full rank (same outputs; to check exactness)")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
+    parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
+    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    calib = parser.add_argument_group("calibration (the main job)")
+    calib.add_argument("--calib", metavar="DATA", help="target-domain images (folder with class subfolders, or flat) or .npy/.npz arrays")
+    calib.add_argument("--eval", metavar="DATA", help="separate held-out data for quality checks (default: a split of --calib)")
+    calib.add_argument("--labels", metavar="FILE", help="map class folder names to output indices (one name per line, or JSON)")
+    calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
+    calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
+    calib.add_argument("--criterion", choices=("taylor", "taylor-sq"), default=None, help="importance: first-order |mean s*dL/ds| (Molchanov 2016) or per-example squared (Molchanov 2019); default: see README")
+    calib.add_argument("--batch-size", type=int, default=32)
+    calib.add_argument("--device", choices=("cpu", "cuda"), help="Torch device for importance (default: cuda when available)")
+    calib.add_argument("--seed", type=int, default=0)
+    pre = parser.add_argument_group("preprocessing overrides (default: inferred from the model input; printed)")
+    pre.add_argument("--resize", type=int, help="resize the short side to this many pixels")
+    pre.add_argument("--crop", type=int, help="centre-crop to this size")
+    pre.add_argument("--scale", type=float, help="multiply pixels by this (default 1/255)")
+    pre.add_argument("--mean", type=lambda s: tuple(float(v) for v in s.split(",")), help="per-channel mean, e.g. 0.485,0.456,0.406")
+    pre.add_argument("--std", type=lambda s: tuple(float(v) for v in s.split(",")), help="per-channel std")
+    pre.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def default_output(model: Path) -> Path:
+    name = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+    return model.with_name(name + ".pruned.onnx")
+
+
+def check_output(model: Path, output: Path) -> None:
+    """Fail early (before any long work) if the output can't be written or would replace the input."""
+    if output.resolve() == model.resolve():
+        raise BasisPruneError(f"{output}: refusing to overwrite the input model")
+    if output.is_dir():
+        raise BasisPruneError(f"{output}: output path is a directory")
+    if not output.parent.is_dir():
+        raise BasisPruneError(f"{output}: output folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise BasisPruneError(f"{output}: output folder is not writable")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .api import decompose, prune
+    from .modelio import save_model
+    from .report import file_size, layer_table, summary_table, write_json
+
+    model_path = Path(args.model)
+    output = Path(args.output) if args.output else default_output(model_path)
+    check_output(model_path, output)
+    shapes = dict(args.input_shape) or None
+    start = time.perf_counter()
+    if args.calib:
+        from .calibrated import run_main_job
+
+        result = run_main_job(model_path, args, shapes)
+    elif args.eval or args.max_drop is not None:
+        raise BasisPruneError("--max-drop and --eval need calibration data (--calib)")
+    elif args.full_rank:
+        result = decompose(model_path, shapes)
+    else:
+        result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs, provider=args.provider, input_shapes=shapes)
+    save_model(result.model, output)
+    result.extra["output"] = str(output)
+    result.extra["seconds"] = round(time.perf_counter() - start, 2)
+    print(layer_table(result.layers))
+    print()
+    print(summary_table(result, file_size(model_path), file_size(output)))
+    print(f"\nwrote {output}")
+    if args.report:
+        write_json(result.to_json(), args.report)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def run_inspect(argv: Sequence[str]) -> int:
+    from .api import inspect
+    from .report import human, inspect_table
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Per layer: op, weight shape, full rank, break-even rank, ranks at 90/99/99.9%% energy, params and MACs.")
+    parser.add_argument("model")
+    parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
+    args = parser.parse_args(argv)
+    prepared, rows = inspect(args.model, dict(args.input_shape) or None)
+    print(inspect_table(rows))
+    print(f"\n{len(rows)} layers, {sum(not r.note for r in rows)} splittable; model params {human(prepared.original.params)}, MACs {human(prepared.original.macs)}")
+    return 0
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    from .bench import add_bench_arguments, run_bench_command
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} bench", description="Time ONNX models on onnxruntime, alternating between them; ratios are to the first model.")
+    parser.add_argument("models", nargs="+", help="ONNX models; the first is the reference")
+    add_bench_arguments(parser)
+    return run_bench_command(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "inspect":
+            return run_inspect(argv[1:])
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
+        return run_prune(build_parser().parse_args(argv))
+    except (BasisPruneError, ValueError) as exc:
+        print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

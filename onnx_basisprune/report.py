@@ -1,0 +1,106 @@
+"""Plain-text tables for the console and the JSON report written by the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .api import InspectRow, LayerReport, PruneResult
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned first column, right-aligned others."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of a model file plus its external data files next to it."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def summary_table(result: PruneResult, size_before: int | None = None, size_after: int | None = None) -> str:
+    rows = [
+        ("params", human(result.original.params), human(result.pruned.params), _ratio(result.pruned.params, result.original.params)),
+        ("MACs (batch 1)", human(result.original.macs), human(result.pruned.macs), _ratio(result.pruned.macs, result.original.macs)),
+    ]
+    if size_before is not None and size_after is not None:
+        rows.append(("file size", human_bytes(size_before), human_bytes(size_after), _ratio(size_after, size_before)))
+    quality = result.extra.get("quality")
+    if quality:
+        rows.append((f"{quality['metric']} (n={quality['n']})", f"{quality['original']:.4f}", f"{quality['pruned']:.4f}",
+                     f"{(quality['pruned'] - quality['original']) * 100:+.2f} pt"))
+    return table(("", "original", "pruned", "ratio"), rows)
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}" if before else "-"
+
+
+def layer_table(layers: Sequence[LayerReport]) -> str:
+    rows = [
+        (
+            layer.name,
+            layer.op,
+            "x".join(map(str, layer.weight_shape)),
+            layer.full_rank,
+            layer.break_even_rank,
+            "-" if layer.kept_rank is None else layer.kept_rank,
+            layer.action,
+            human(layer.params),
+            human(layer.pruned_params),
+            layer.reason,
+        )
+        for layer in layers
+    ]
+    return table(("layer", "op", "weight", "rank", "break-even", "kept", "action", "params", "->", "reason"), rows)
+
+
+def inspect_table(rows: Sequence[InspectRow]) -> str:
+    body = [
+        (
+            r.name, r.op, "x".join(map(str, r.weight_shape)), r.full_rank, r.break_even_rank,
+            _dash(r.rank_90), _dash(r.rank_99), _dash(r.rank_999), human(r.params), human(r.macs), r.note,
+        )
+        for r in rows
+    ]
+    return table(("layer", "op", "weight", "rank", "break-even", "r@90%", "r@99%", "r@99.9%", "params", "MACs", "note"), body)
+
+
+def _dash(value: object) -> object:
+    return "-" if value is None else value
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
