@@ -1,0 +1,964 @@
+"""Trustworthy onnxruntime latency comparison of ONNX models.
+
+``benchmark`` times several models (typically an original and its pruned
+version) on the same random inputs, for each requested execution provider and
+batch size, and reports per-model median / p90 / min latency plus, for every
+model after the first, its latency ratio to the first with a 95% confidence
+interval.
+
+How the numbers are made trustworthy:
+
+* All sessions use ``ORT_ENABLE_ALL`` graph optimisation, sequential
+  execution, ``intra_op_num_threads`` = the requested thread count (default:
+  physical cores usable by this process) and one inter-op thread.  Intra-op
+  thread spinning is switched off: the models are timed alternately, and
+  spinning workers of the session that just finished would otherwise steal
+  cores from the next one.
+* After ``warmup`` runs per model, the models run ALTERNATELY: each round
+  runs every model once, in the same order (A, B, A, B, ...), so slow drift of
+  a noisy machine (frequency scaling, other jobs) hits all models alike.
+  ``min_time_s`` adds rounds until every model has accumulated that much timed
+  run time (at most ten times ``rounds``).  The garbage collector is paused
+  while timing.
+* The ratio of model B to model A is the median of the per-round ratios
+  B_i / A_i.  Its 95% confidence interval is the distribution-free
+  order-statistics interval for a median: with n rounds, the sorted ratios
+  r_(k) and r_(n-k+1), where k is the largest rank such that
+  P(Binomial(n, 1/2) <= k - 1) <= 2.5%.  It needs no assumption about the
+  latency distribution and no random resampling.  Below 6 rounds no such k
+  exists; the interval is then [min, max] and the case carries a warning with
+  its real coverage (1 - 2^(1-n)).
+* CUDA and TensorRT: inputs are copied to the GPU once and inputs and outputs
+  are bound there with I/O binding, so host-device copies are not timed.
+  ``cudnn_conv_algo_search`` is set explicitly (EXHAUSTIVE by default) and
+  recorded; TensorRT engines are cached in a temporary directory for the
+  duration of the call.  Node placement is read from onnxruntime's EP graph
+  assignment record (session config ``session.record_ep_graph_assignment_info``
+  plus ``InferenceSession.get_provider_graph_assignment_info()``); nodes not
+  placed on the requested provider (e.g. fallen back to the CPU) produce a
+  warning in the case (also logged).
+* The result records what the numbers depend on: onnxruntime version,
+  providers, CPU model, GPU name, threads, batch, input shapes and date.
+
+Random inputs use the models' input dtypes and shapes; the first (batch)
+dimension, when symbolic, is replaced by the batch size.  Other symbolic
+dimensions need ``input_shapes`` (the override's first dimension is replaced by
+the batch size when the model's batch dimension is symbolic).  Models whose
+batch dimension is a fixed number run only at that batch, with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+logger = logging.getLogger(__name__)
+
+_EP_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_DISPLAY_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
+_ALGO_SEARCH_CHOICES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+_CI_TAIL = Fraction(1, 40)  # 2.5% on each side of the 95% interval
+_MIN_TIME_ROUND_FACTOR = 10  # min_time_s may add rounds up to this multiple of `rounds`
+_DEVICE_ID = 0
+
+Dim = int | str | None  # fixed size, symbolic name, or unnamed unknown
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure; see the module docstring for how."""
+
+    providers: tuple[str, ...] = ("cpu",)  # "cpu" | "cuda" | "tensorrt"
+    batches: tuple[int, ...] = (1, 8)
+    threads: int | None = None  # None -> physical cores
+    warmup: int = 10
+    rounds: int = 50  # timed runs per model
+    min_time_s: float = 0.0  # keep adding rounds until each model ran this long (cap: 10x rounds)
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+
+
+@dataclass
+class Timing:
+    """Latency statistics of one model in one case (milliseconds)."""
+
+    model: str
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    ratio: float | None  # median of per-round ratios to the first model; None for the first
+    ratio_ci: tuple[float, float] | None  # 95% order-statistics interval of that median
+
+
+@dataclass
+class BenchCase:
+    """All models timed on one provider at one batch size."""
+
+    provider: str
+    batch: int
+    threads: int
+    timings: list[Timing]
+    warnings: list[str]
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    """Everything measured, plus what the numbers depend on."""
+
+    environment: dict[str, str]
+    config: BenchConfig
+    cases: list[BenchCase]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (dicts, lists, str, numbers, None); ``from_json`` reads it back."""
+        config = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+        if self.config.input_shapes is not None:
+            config["input_shapes"] = {k: [int(d) for d in v] for k, v in self.config.input_shapes.items()}
+        return _plain_json({
+            "environment": self.environment,
+            "config": config,
+            "cases": [asdict(case) for case in self.cases],
+        })
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchResult:
+        """Inverse of ``to_json`` (after a trip through ``json.dumps`` / ``json.loads``)."""
+        config = dict(data["config"])
+        for key in ("providers", "batches"):
+            config[key] = tuple(config[key])
+        if config.get("input_shapes") is not None:
+            config["input_shapes"] = {k: tuple(v) for k, v in config["input_shapes"].items()}
+        cases = [
+            BenchCase(
+                provider=case["provider"],
+                batch=case["batch"],
+                threads=case["threads"],
+                timings=[_timing_from_json(t) for t in case["timings"]],
+                warnings=list(case["warnings"]),
+                input_shapes={k: list(v) for k, v in case.get("input_shapes", {}).items()},
+            )
+            for case in data["cases"]
+        ]
+        return cls(environment=dict(data["environment"]), config=BenchConfig(**config), cases=cases)
+
+
+def _plain_json(value: Any) -> Any:
+    """Tuples and other sequences as lists, mappings as dicts, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _timing_from_json(data: Mapping[str, Any]) -> Timing:
+    ci = data["ratio_ci"]
+    return Timing(
+        model=data["model"],
+        median_ms=data["median_ms"],
+        p90_ms=data["p90_ms"],
+        min_ms=data["min_ms"],
+        ratio=data["ratio"],
+        ratio_ci=None if ci is None else (ci[0], ci[1]),
+    )
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def available_providers() -> list[str]:
+    """Short names ("cpu", "cuda", "tensorrt") of the providers that really work here.
+
+    onnxruntime-gpu lists CUDA and TensorRT even without a GPU or CUDA
+    libraries, so each one is tried: a tiny session is created and run, and
+    the provider counts only if the session really uses it.
+    """
+    return [name for name in _EP_NAMES if _provider_problem(name) is None]
+
+
+@lru_cache(maxsize=None)
+def _provider_problem(provider: str) -> str | None:
+    """None if ``provider`` works, else a one-line reason."""
+    ep = _EP_NAMES[provider]
+    if ep not in ort.get_available_providers():
+        return f"this onnxruntime {ort.__version__} build does not include {ep}"
+    if provider == "cpu":
+        return None
+    with _captured_stderr() as log:
+        problem = _probe(provider)
+    if problem is None:
+        return None
+    cause = _log_failure("".join(log))
+    return f"{problem.rstrip('.')}; {cause}" if cause else problem
+
+
+def _probe(provider: str) -> str | None:
+    """Create and run a tiny session on ``provider``: None if it really ran there, else why not."""
+    try:
+        session = _new_session(_probe_model().SerializeToString(), provider, threads=1, trt_cache_dir=None)
+        session.run(None, {"x": np.ones((1, 4), np.float32)})
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        return _one_line(exc)
+    used = session.get_providers()
+    return None if used[0] == _EP_NAMES[provider] else f"a session asking for {_EP_NAMES[provider]} got {used}"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Capture file descriptor 2 (where onnxruntime's C++ logger writes); the text is in the list on exit."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def _log_failure(log: str) -> str | None:
+    """The first "Failed ..." message of an onnxruntime log, without prefix and colours."""
+    for line in log.splitlines():
+        message = re.sub(r"\x1b\[[0-9;]*m", "", line).split("] ", 1)[-1].strip()
+        if message.startswith("[ONNXRuntimeError]") or "Failed" not in message:
+            continue
+        return message.split("with error: ", 1)[-1]
+    return None
+
+
+def _probe_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _require_provider(provider: str) -> None:
+    if provider not in _EP_NAMES:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(_EP_NAMES)}")
+    problem = _provider_problem(provider)
+    if problem is not None:
+        raise ValueError(f"{_DISPLAY_NAMES[provider]} execution provider is not available: {problem}")
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only; placement is checked below
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    return options
+
+
+def _provider_list(
+    provider: str, cudnn_conv_algo_search: str, trt_cache_dir: str | None
+) -> list[str | tuple[str, dict[str, str]]]:
+    cuda = (_EP_NAMES["cuda"], {"device_id": str(_DEVICE_ID), "cudnn_conv_algo_search": cudnn_conv_algo_search})
+    if provider == "cuda":
+        return [cuda, _EP_NAMES["cpu"]]
+    if provider == "tensorrt":
+        trt_options = {"device_id": str(_DEVICE_ID)}
+        if trt_cache_dir is not None:
+            trt_options |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": trt_cache_dir}
+        return [(_EP_NAMES["tensorrt"], trt_options), cuda, _EP_NAMES["cpu"]]
+    return [_EP_NAMES["cpu"]]
+
+
+def _new_session(
+    source: str | bytes,
+    provider: str,
+    threads: int,
+    trt_cache_dir: str | None,
+    cudnn_conv_algo_search: str = BenchConfig.cudnn_conv_algo_search,
+) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        source,
+        _session_options(threads),
+        providers=_provider_list(provider, cudnn_conv_algo_search, trt_cache_dir),
+        enable_fallback=0,  # never silently retry on the CPU
+    )
+
+
+def _placement(session: ort.InferenceSession) -> dict[str, Counter[str]]:
+    """Op-type counts per execution provider, from onnxruntime's EP assignment record."""
+    placed: dict[str, Counter[str]] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        ops = placed.setdefault(subgraph.ep_name, Counter())
+        ops.update(node.op_type for node in subgraph.get_nodes())
+    return placed
+
+
+def _placement_warning(model: str, session: ort.InferenceSession, provider: str) -> str | None:
+    """A warning if some nodes of ``model`` do not run on ``provider`` (e.g. CPU fallback)."""
+    if provider == "cpu":
+        return None
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        return f"{model}: cannot check node placement, onnxruntime {ort.__version__} lacks EP assignment info"
+    placed = _placement(session)
+    wanted = _EP_NAMES[provider]
+    total = sum(sum(ops.values()) for ops in placed.values())
+    elsewhere = {ep: ops for ep, ops in placed.items() if ep != wanted and ops}
+    if not elsewhere:
+        return None
+    moved = sum(sum(ops.values()) for ops in elsewhere.values())
+    detail = "; ".join(
+        f"{ep}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) for ep, ops in sorted(elsewhere.items())
+    )
+    note = ""
+    if _EP_NAMES["cpu"] in elsewhere:
+        note = " (onnxruntime keeps small shape ops on the CPU on purpose; other ops there cost host-device copies)"
+    return f"{model}: {moved} of {total} nodes are not on {wanted}: {detail}{note}"
+
+
+class _BoundRunner:
+    """One inference with inputs and outputs bound on the GPU (I/O binding): no host copies are timed."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> None:
+        self._session = session
+        self._binding = session.io_binding()
+        self._inputs = {  # kept here so the device buffers live as long as the binding
+            name: ort.OrtValue.ortvalue_from_numpy(array, "cuda", _DEVICE_ID) for name, array in feeds.items()
+        }
+        for name, value in self._inputs.items():
+            self._binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            self._binding.bind_output(output.name, "cuda", _DEVICE_ID)
+        self._binding.synchronize_inputs()
+
+    def __call__(self) -> None:
+        self._session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+
+
+def _make_runner(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], provider: str) -> Callable[[], Any]:
+    """A no-argument callable running one inference, inputs/outputs on the provider's device."""
+    if provider == "cpu":
+        return lambda: session.run(None, feeds)
+    return _BoundRunner(session, feeds)
+
+
+# --------------------------------------------------------------------------- models and inputs
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    dtype: np.dtype
+    dims: tuple[Dim, ...] | None  # None: rank unknown
+
+
+@dataclass(frozen=True)
+class _Model:
+    name: str
+    source: str | bytes  # what InferenceSession loads (path keeps external data working)
+    inputs: dict[str, _InputSpec]
+
+
+_ORT_SOURCE_PREFIX = re.compile(
+    r"(\[ONNXRuntimeError\] : \d+ : \w+ : )?(\S+\.(cc|cpp|h):\d+ [^(]*\((?:[^()]|\([^()]*\))*\) )?"
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    """First line of an error message, without onnxruntime's source location and C++ signature."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return _ORT_SOURCE_PREFIX.sub("", lines[0], count=1).strip() or lines[0]
+
+
+def _load_model(model: str | Path | onnx.ModelProto, default_name: str) -> _Model:
+    if isinstance(model, onnx.ModelProto):
+        return _Model(model.graph.name or default_name, model.SerializeToString(), _input_specs(model, default_name))
+    path = Path(model)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises many kinds of errors for bad files
+        raise ValueError(f"cannot read ONNX model {path}: {_one_line(exc)}") from None
+    return _Model(path.stem, str(path), _input_specs(proto, str(path)))
+
+
+def _input_specs(model: onnx.ModelProto, label: str) -> dict[str, _InputSpec]:
+    initializers = {init.name for init in model.graph.initializer}
+    specs = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise ValueError(f"{label}: input {value.name!r} is not a tensor; only tensor inputs are supported")
+        tensor = value.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        if dtype.kind not in "biuf":
+            raise ValueError(f"{label}: input {value.name!r} has unsupported dtype {dtype}")
+        dims = None
+        if tensor.HasField("shape"):
+            dims = tuple(_dim(d) for d in tensor.shape.dim)
+        specs[value.name] = _InputSpec(dtype, dims)
+    return specs
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    return dim.dim_param or None
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    counts = Counter(names)
+    return [f"{name}[{i}]" if counts[name] > 1 else name for i, name in enumerate(names)]
+
+
+def _merge_inputs(models: Sequence[_Model]) -> dict[str, _InputSpec]:
+    """One input signature valid for all models: same names and dtypes, compatible shapes."""
+    first = models[0]
+    merged = dict(first.inputs)
+    for model in models[1:]:
+        if set(model.inputs) != set(merged):
+            raise ValueError(
+                f"models {first.name} and {model.name} have different inputs: "
+                f"{sorted(first.inputs)} vs {sorted(model.inputs)}"
+            )
+        for name, spec in model.inputs.items():
+            merged[name] = _merge_spec(name, merged[name], spec, (first.name, model.name))
+    return merged
+
+
+def _merge_spec(name: str, a: _InputSpec, b: _InputSpec, models: tuple[str, str]) -> _InputSpec:
+    where = f"input {name!r} of {models[0]} and {models[1]}"
+    if a.dtype != b.dtype:
+        raise ValueError(f"{where} differ in dtype: {a.dtype} vs {b.dtype}")
+    if a.dims is None or b.dims is None:
+        return _InputSpec(a.dtype, a.dims if b.dims is None else b.dims)
+    if len(a.dims) != len(b.dims):
+        raise ValueError(f"{where} differ in rank: {list(a.dims)} vs {list(b.dims)}")
+    dims = []
+    for x, y in zip(a.dims, b.dims):
+        if isinstance(x, int) and isinstance(y, int) and x != y:
+            raise ValueError(f"{where} have incompatible shapes: {list(a.dims)} vs {list(b.dims)}")
+        dims.append(x if isinstance(x, int) else y)
+    return _InputSpec(a.dtype, tuple(dims))
+
+
+def _fixed_batch(inputs: Mapping[str, _InputSpec]) -> int | None:
+    """The batch size fixed by the models, or None if some input's batch dimension is symbolic."""
+    if any(spec.dims is None for spec in inputs.values()):
+        return None  # unknown rank: its shape comes from input_shapes, batch dimension symbolic
+    first_dims = [spec.dims[0] for spec in inputs.values() if spec.dims]
+    if not first_dims or not all(isinstance(d, int) for d in first_dims):
+        return None
+    return first_dims[0]
+
+
+def _batches_to_run(
+    models: Sequence[_Model], inputs: Mapping[str, _InputSpec], requested: Sequence[int]
+) -> tuple[list[int], list[str]]:
+    """Batch sizes to time, and a note when fixed-batch models restrict them."""
+    requested = list(dict.fromkeys(requested))
+    fixed = _fixed_batch(inputs)
+    if fixed is None or requested == [fixed]:
+        return requested, []
+    owners = [m.name for m in models if _fixed_batch(m.inputs) == fixed] or [m.name for m in models]
+    note = (
+        f"{', '.join(owners)} {'has' if len(owners) == 1 else 'have'} a fixed batch dimension of {fixed}: "
+        f"running only at batch {fixed} (asked for {', '.join(map(str, requested))})"
+    )
+    return [fixed], [note]
+
+
+def _resolve_shape(name: str, spec: _InputSpec, override: Sequence[int] | None, batch: int) -> tuple[int, ...]:
+    """Concrete shape: fixed dims kept, symbolic batch dim = batch, other symbolic dims from the override."""
+    if spec.dims is None and override is None:
+        raise ValueError(f"input {name!r} has no shape in the model: give it with input_shapes / --input-shape")
+    dims = spec.dims if spec.dims is not None else (None,) * len(override or ())
+    if override is not None and len(override) != len(dims):
+        raise ValueError(f"input_shape for {name!r} has rank {len(override)}, the model's input has rank {len(dims)}")
+    shape = []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int):
+            if override is not None and override[axis] != dim:
+                raise ValueError(f"input_shape for {name!r} conflicts with the model's fixed shape {list(dims)}")
+            shape.append(dim)
+        elif axis == 0:
+            shape.append(batch)
+        elif override is not None:
+            shape.append(int(override[axis]))
+        else:
+            raise ValueError(
+                f"input {name!r} has symbolic dimension {axis} ({dim or '?'}) in {list(dims)}: "
+                f"give its shape with input_shapes={{{name!r}: [...]}} or --input-shape {name}=1x..."
+            )
+    return tuple(shape)
+
+
+def _input_shapes(
+    inputs: Mapping[str, _InputSpec], overrides: Mapping[str, Sequence[int]] | None, batch: int
+) -> dict[str, tuple[int, ...]]:
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(inputs))
+    if unknown:
+        raise ValueError(f"input_shapes names {unknown} that are not model inputs {sorted(inputs)}")
+    return {name: _resolve_shape(name, spec, overrides.get(name), batch) for name, spec in inputs.items()}
+
+
+def _random_feeds(
+    inputs: Mapping[str, _InputSpec], shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, spec in inputs.items():
+        shape = shapes[name]
+        if spec.dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[name] = rng.random(shape) < 0.5
+        else:  # small non-negative integers are valid indices for most index inputs
+            feeds[name] = rng.integers(0, 10, shape).astype(spec.dtype)
+    return feeds
+
+
+# --------------------------------------------------------------------------- timing and statistics
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _time_alternating(
+    runners: Sequence[Callable[[], Any]],
+    warmup: int,
+    rounds: int,
+    min_time_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Per-runner latencies (ms); each round runs every runner once, in order."""
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    times: list[list[float]] = [[] for _ in runners]
+    totals = [0.0] * len(runners)
+    max_rounds = rounds * _MIN_TIME_ROUND_FACTOR if min_time_s > 0 else rounds
+    done = 0
+    with _gc_paused():
+        while done < rounds or (done < max_rounds and min(totals) < min_time_s):
+            for i, run in enumerate(runners):
+                start = clock()
+                run()
+                elapsed = clock() - start
+                times[i].append(elapsed * 1e3)
+                totals[i] += elapsed
+            done += 1
+    return times
+
+
+def _median_ci_ranks(n: int) -> tuple[int, int]:
+    """1-based ranks (k, n-k+1) of the distribution-free 95% interval for a median of n values."""
+    # largest k with P(Bin(n, 1/2) <= k-1) <= 2.5%, in exact arithmetic (n may be in the thousands)
+    limit = 2**n * _CI_TAIL
+    k, cumulative = 0, 0
+    while k < n and cumulative + math.comb(n, k) <= limit:
+        cumulative += math.comb(n, k)
+        k += 1
+    k = max(k, 1)
+    return k, n - k + 1
+
+
+def _median_ci(values: Sequence[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    low, high = _median_ci_ranks(len(ordered))
+    return ordered[low - 1], ordered[high - 1]
+
+
+def _ci_coverage(n: int) -> float:
+    k, _ = _median_ci_ranks(n)
+    return 1.0 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n  # int / int: no float overflow
+
+
+def _timings(names: Sequence[str], times: Sequence[Sequence[float]]) -> list[Timing]:
+    baseline = np.asarray(times[0])
+    result = []
+    for i, (name, model_times) in enumerate(zip(names, times)):
+        values = np.asarray(model_times)
+        ratio = ratio_ci = None
+        if i > 0:
+            ratios = values / baseline
+            ratio = float(np.median(ratios))
+            low, high = _median_ci(ratios.tolist())
+            ratio_ci = (float(low), float(high))
+        result.append(
+            Timing(
+                model=name,
+                median_ms=float(np.median(values)),
+                p90_ms=float(np.percentile(values, 90)),
+                min_ms=float(values.min()),
+                ratio=ratio,
+                ratio_ci=ratio_ci,
+            )
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _physical_cores() -> int:
+    """Physical cores (from /proc/cpuinfo) capped by the CPUs this process may use."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = set()
+    with contextlib.suppress(OSError):
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "core id" in fields:
+                cores.add((fields.get("physical id"), fields["core id"]))
+    return max(1, min(len(cores), usable)) if cores else usable
+
+
+def _gpu_name() -> str:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [nvidia_smi, "--query-gpu=name", "--format=csv,noheader", "-i", str(_DEVICE_ID)],
+                capture_output=True, text=True, timeout=10, check=True,
+            )
+            if out.stdout.strip():
+                return out.stdout.strip().splitlines()[0]
+    return f"CUDA device {_DEVICE_ID} (name unknown: nvidia-smi unavailable)"
+
+
+def _environment(config: BenchConfig, threads: int) -> dict[str, str]:
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "physical_cores": str(_physical_cores()),
+        "providers": ",".join(config.providers),
+        "threads": str(threads),
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "execution_mode": "ORT_SEQUENTIAL",
+        "intra_op_spinning": "off",
+        "timing": "alternating rounds, one run per model per round, perf_counter around each run",
+        "ratio_ci": "95% distribution-free order-statistics interval for the median of per-round ratios",
+    }
+    if any(p != "cpu" for p in config.providers):
+        env["gpu"] = _gpu_name()
+        env["cudnn_conv_algo_search"] = config.cudnn_conv_algo_search
+        env["io_binding"] = f"inputs and outputs bound on cuda:{_DEVICE_ID}"
+    return env
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def _check_config(config: BenchConfig) -> None:
+    if not config.providers:
+        raise ValueError("no providers requested")
+    for provider in config.providers:
+        _require_provider(provider)
+    if not config.batches or any(b < 1 for b in config.batches):
+        raise ValueError(f"batch sizes must be positive integers, got {list(config.batches)}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be positive, got {config.threads}")
+    if config.rounds < 1 or config.warmup < 0 or config.min_time_s < 0:
+        raise ValueError("rounds must be >= 1, warmup >= 0 and min_time_s >= 0")
+    if config.cudnn_conv_algo_search not in _ALGO_SEARCH_CHOICES:
+        raise ValueError(
+            f"cudnn_conv_algo_search must be one of {', '.join(_ALGO_SEARCH_CHOICES)}, "
+            f"got {config.cudnn_conv_algo_search!r}"
+        )
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    logger.warning(message)
+    warnings.append(message)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every provider runs: the models, their merged inputs, the batches and the thread count."""
+
+    models: list[_Model]
+    inputs: dict[str, _InputSpec]
+    batches: list[int]
+    notes: list[str]  # warnings shared by all cases
+    threads: int
+    config: BenchConfig
+
+
+def _plan(models: Sequence[str | Path | onnx.ModelProto], names: Sequence[str] | None, config: BenchConfig) -> _Plan:
+    if not models:
+        raise ValueError("no models to benchmark")
+    if names is not None and len(names) != len(models):
+        raise ValueError(f"got {len(names)} names for {len(models)} models")
+    loaded = [_load_model(model, f"model{i}") for i, model in enumerate(models)]
+    labels = list(names) if names is not None else _unique_names([m.name for m in loaded])
+    loaded = [_Model(label, m.source, m.inputs) for label, m in zip(labels, loaded)]
+    inputs = _merge_inputs(loaded)
+    batches, notes = _batches_to_run(loaded, inputs, config.batches)
+    for batch in batches:  # fail on missing shapes before any session is built
+        _input_shapes(inputs, config.input_shapes, batch)
+    for note in notes:
+        logger.warning(note)
+    return _Plan(loaded, inputs, batches, notes, config.threads or _physical_cores(), config)
+
+
+def _open_sessions(plan: _Plan, provider: str, trt_cache_dir: str | None) -> list[ort.InferenceSession]:
+    sessions = []
+    for model in plan.models:
+        try:
+            session = _new_session(
+                model.source, provider, plan.threads, trt_cache_dir, plan.config.cudnn_conv_algo_search
+            )
+        except Exception as exc:  # noqa: BLE001 - report any onnxruntime load failure in one line
+            raise ValueError(f"onnxruntime cannot load {model.name} on {provider}: {_one_line(exc)}") from None
+        if session.get_providers()[0] != _EP_NAMES[provider]:
+            raise ValueError(
+                f"{_DISPLAY_NAMES[provider]} execution provider is not available: "
+                f"session for {model.name} got {session.get_providers()}"
+            )
+        sessions.append(session)
+    return sessions
+
+
+def _provider_cases(plan: _Plan, provider: str, trt_cache_dir: str | None) -> list[BenchCase]:
+    """All batch sizes on one provider; the sessions are freed on return."""
+    sessions = _open_sessions(plan, provider, trt_cache_dir)
+    notes = list(plan.notes)
+    for model, session in zip(plan.models, sessions):
+        placement = _placement_warning(model.name, session, provider)
+        if placement is not None:
+            _warn(notes, placement)
+    return [_run_case(plan, sessions, provider, batch, notes) for batch in plan.batches]
+
+
+def _run_case(
+    plan: _Plan, sessions: Sequence[ort.InferenceSession], provider: str, batch: int, notes: Sequence[str]
+) -> BenchCase:
+    config = plan.config
+    shapes = _input_shapes(plan.inputs, config.input_shapes, batch)
+    feeds = _random_feeds(plan.inputs, shapes)
+    runners = [_make_runner(session, feeds, provider) for session in sessions]
+    times = _time_alternating(runners, config.warmup, config.rounds, config.min_time_s)
+    warnings = list(notes)
+    rounds = len(times[0])
+    if len(plan.models) > 1 and _ci_coverage(rounds) < 1 - 2 * float(_CI_TAIL):
+        _warn(
+            warnings,
+            f"{provider} batch {batch}: with {rounds} rounds the ratio interval is [min, max] "
+            f"with only {_ci_coverage(rounds):.1%} coverage; use at least 6 rounds for 95%",
+        )
+    return BenchCase(
+        provider=provider,
+        batch=batch,
+        threads=plan.threads,
+        timings=_timings([m.name for m in plan.models], times),
+        warnings=warnings,
+        input_shapes={name: list(shape) for name, shape in shapes.items()},
+    )
+
+
+def benchmark(
+    models: Sequence[str | Path | onnx.ModelProto],
+    config: BenchConfig = BenchConfig(),
+    names: Sequence[str] | None = None,
+) -> BenchResult:
+    """Time ``models`` alternately on every requested provider and batch size.
+
+    Ratios and intervals are relative to the first model.  Raises ValueError
+    (one line) for unavailable providers, unreadable models, incompatible
+    input signatures or symbolic dimensions without ``config.input_shapes``.
+    """
+    _check_config(config)
+    plan = _plan(models, names, config)
+    cases = []
+    trt_cache = tempfile.TemporaryDirectory(prefix="basisprune-trt-") if "tensorrt" in config.providers else None
+    with trt_cache or contextlib.nullcontext():
+        for provider in config.providers:
+            cases += _provider_cases(plan, provider, trt_cache.name if trt_cache else None)
+    return BenchResult(environment=_environment(config, plan.threads), config=config, cases=cases)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_bench(result: BenchResult) -> str:
+    """Plain-text table: provider, batch, model, median, p90, min, ratio [95% CI]; then warnings."""
+    env = result.environment
+    device = f"GPU {env['gpu']}, " if "gpu" in env else ""
+    lines = [
+        f"onnxruntime {env.get('onnxruntime', '?')} | {device}CPU {env.get('cpu', '?')} "
+        f"({env.get('physical_cores', '?')} cores) | {env.get('date', '?')}"
+    ]
+    header = ("provider", "batch", "threads", "model", "median ms", "p90 ms", "min ms", "ratio [95% CI]")
+    rows = [header]
+    for case in result.cases:
+        for t in case.timings:
+            ratio = "" if t.ratio is None else f"{t.ratio:.3f}"
+            if t.ratio_ci is not None:
+                ratio += f" [{t.ratio_ci[0]:.3f}, {t.ratio_ci[1]:.3f}]"
+            rows.append(
+                (case.provider, str(case.batch), str(case.threads), t.model,
+                 f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", ratio)
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numeric = {1, 2, 4, 5, 6}
+    for row in rows:
+        cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    warnings = list(dict.fromkeys(w for case in result.cases for w in case.warnings))
+    lines.extend(f"warning: {w}" for w in warnings)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _providers_arg(text: str) -> tuple[str, ...]:
+    providers = tuple(p.lower() for p in _csv(text))
+    unknown = [p for p in providers if p not in _EP_NAMES]
+    if not providers or unknown:
+        raise argparse.ArgumentTypeError(f"providers must be a comma list of {', '.join(_EP_NAMES)}, got {text!r}")
+    return providers
+
+
+def _batches_arg(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(p) for p in _csv(text))
+    except ValueError:
+        batches = ()
+    if not batches or any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"batch must be a comma list of positive integers, got {text!r}")
+    return batches
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _input_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d < 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"input shape must look like name=1x3x224x224, got {text!r}")
+    return name, shape
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``onnx-basisprune bench MODEL.onnx [MODEL.onnx ...]`` (models included)."""
+    defaults = BenchConfig()
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL.onnx",
+                        help="models to compare; ratios are relative to the first")
+    parser.add_argument("--providers", type=_providers_arg, default=defaults.providers,
+                        help="comma list of cpu, cuda, tensorrt (default: cpu)")
+    parser.add_argument("--batch", dest="batches", type=_batches_arg, default=defaults.batches,
+                        help="comma list of batch sizes (default: 1,8)")
+    parser.add_argument("--threads", type=_positive_int, default=defaults.threads,
+                        help="intra-op threads (default: physical cores)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up runs per model")
+    parser.add_argument("--rounds", type=_positive_int, default=defaults.rounds, help="timed runs per model")
+    parser.add_argument("--min-time", dest="min_time_s", type=float, default=defaults.min_time_s,
+                        help="add rounds until each model ran this many seconds (at most 10x rounds)")
+    parser.add_argument("--cudnn-algo-search", dest="cudnn_conv_algo_search", choices=_ALGO_SEARCH_CHOICES,
+                        default=defaults.cudnn_conv_algo_search, help="cuDNN convolution algorithm search")
+    parser.add_argument("--input-shape", dest="input_shapes", type=_input_shape_arg, action="append",
+                        metavar="NAME=1x3x224x224", help="shape for an input with symbolic dims (repeatable)")
+    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT.json", help="also write the result as JSON")
+
+
+def _config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        providers=tuple(args.providers),
+        batches=tuple(args.batches),
+        threads=args.threads,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        min_time_s=args.min_time_s,
+        cudnn_conv_algo_search=args.cudnn_conv_algo_search,
+        input_shapes=dict(args.input_shapes) if args.input_shapes else None,
+    )
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Run ``bench``: print the table, write JSON if asked.  0 on success, 2 on a ValueError (printed)."""
+    try:
+        result = benchmark(args.models, _config_from_args(args))
+    except ValueError as exc:
+        print(f"onnx-basisprune bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_bench(result))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
