@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m onnx_basisprune examples/digits/model.onnx --calib examples/digits/calib -o build/demo/digits.pruned.onnx --report build/demo/report.json
+	mkdir -p build/demo
+	$(PY) -m onnx_basisprune examples/digits/model.onnx --calib examples/digits/calib --eval examples/digits/heldout -o build/demo/digits.pruned.onnx --report build/demo/report.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -37,6 +37,7 @@ class Prepared:
     layers: dict[str, Layer]
     shapes: ShapeTable
     original: ModelCost
+    normalised_params: int
     input_shapes: Mapping[str, Sequence[int]] | None = None
 
     def splittable(self) -> dict[str, Layer]:
@@ -107,13 +108,19 @@ def prepare(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None =
         reasons = sorted({layer.skip_reason for layer in layers.values()})
         raise BasisPruneError(f"nothing to decompose: all {len(layers)} layers are skipped ({'; '.join(reasons)})")
     original = ModelCost(params=params, macs=model_cost(irm, shapes).macs)
-    return Prepared(irm, layers, shapes, original, input_shapes)
+    return Prepared(irm, layers, shapes, original, count_params(irm), input_shapes)
+
+
+def rewritten(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False) -> ir.Model:
+    """The prepared model (a copy unless ``in_place``) rewritten by ``plan``."""
+    model = prepared.model if in_place else ir.serde.deserialize_model(ir.to_proto(prepared.model))
+    ApplyDecisionsPass(prepared.layers, dict(plan))(model)
+    return model
 
 
 def apply_plan(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False) -> PruneResult:
-    """Rewrite the prepared model (a copy unless ``in_place``) by ``plan`` and measure it."""
-    model = prepared.model if in_place else ir.serde.deserialize_model(ir.to_proto(prepared.model))
-    ApplyDecisionsPass(prepared.layers, dict(plan))(model)
+    """Rewrite the prepared model by ``plan`` and measure the result."""
+    model = rewritten(prepared, plan, in_place)
     pruned = model_cost(model, infer_shapes(model, prepared.input_shapes))
     return PruneResult(model, prepared.original, pruned, layer_reports(prepared.layers, plan))
 
@@ -168,6 +175,16 @@ def data_free_plan(
     return budget_plan(prepared, scores, target_params=target_params, target_macs=target_macs, block=block)
 
 
+def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, int]:
+    """(params, MACs) of the model after ``plan``, from the layer records (no rewrite needed)."""
+    params, macs = prepared.normalised_params, prepared.original.macs
+    for name, decision in plan.items():
+        layer = prepared.layers[name]
+        params += ranks.layer_params(layer, decision) - layer.params
+        macs += ranks.layer_macs(layer, decision) - layer.macs
+    return params, macs
+
+
 def budget_plan(
     prepared: Prepared,
     scores: Mapping[str, ranks.LayerScores],
@@ -179,25 +196,17 @@ def budget_plan(
     """The least pruning (by global score threshold) that meets a params or MACs fraction."""
     layers = prepared.layers
     if target_params is not None:
-        other = prepared.original.params - sum(layer.params for layer in layers.values())
-        budget = target_params * prepared.original.params
-
-        def measure(plan: dict[str, Decision]) -> float:
-            return other + sum(ranks.layer_params(layers[n], d) for n, d in plan.items())
-
-        label, value = "params", target_params
+        label, value, total, index = "params", target_params, prepared.original.params, 0
     else:
-        other = prepared.original.macs - sum(layer.macs for layer in layers.values())
-        budget = target_macs * prepared.original.macs
+        label, value, total, index = "MACs", target_macs, prepared.original.macs, 1
 
-        def measure(plan: dict[str, Decision]) -> float:
-            return other + sum(ranks.layer_macs(layers[n], d) for n, d in plan.items())
+    def measure(plan: dict[str, Decision]) -> float:
+        return plan_cost(prepared, plan)[index]
 
-        label, value = "MACs", target_macs
+    budget = value * total
     plan = ranks.budget_plan(layers, scores, measure, budget, block)
     if plan is None:
         floor = measure(ranks.threshold_plan(layers, scores, np.inf, block))
-        total = prepared.original.params if label == "params" else prepared.original.macs
         raise BasisPruneError(
             f"target {label} {value:g} is out of reach: the strongest basis pruning keeps {floor / total:.3f}"
         )

@@ -149,7 +149,6 @@ def run_bench(argv: Sequence[str]) -> int:
     from .bench import add_bench_arguments, run_bench_command
 
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description="Time ONNX models on onnxruntime, alternating between them; ratios are to the first model.")
-    parser.add_argument("models", nargs="+", help="ONNX models; the first is the reference")
     add_bench_arguments(parser)
     return run_bench_command(parser.parse_args(argv))
 

@@ -1,0 +1,111 @@
+"""Quality on held-out data with onnxruntime, and the search for the strongest pruning within
+a quality budget (``--max-drop``): bisection over the global importance threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from . import ranks
+from .errors import BasisPruneError
+from .rewrite import Decision
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    threshold: float
+    params: int
+    macs: int
+    quality: float
+    passed: bool
+
+
+def session(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class Evaluator:
+    """Top-1 accuracy (labeled) or top-1 agreement with the original model (unlabeled), in points
+    of [0, 1], on a fixed held-out set."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None, original: ir.Model, batch_size: int = 64):
+        self.inputs = dict(inputs)
+        self.batch_size = batch_size
+        self.n = len(next(iter(self.inputs.values())))
+        if self.n == 0:
+            raise BasisPruneError("the held-out set is empty")
+        reference = self.predictions(original)
+        self.metric = "accuracy" if labels is not None else "agreement"
+        self.targets = labels if labels is not None else reference
+        self.original = self.score_predictions(reference)
+
+    def predictions(self, model: ir.Model) -> np.ndarray:
+        sess = session(model)
+        preds = []
+        for start in range(0, self.n, self.batch_size):
+            feeds = {k: v[start : start + self.batch_size] for k, v in self.inputs.items()}
+            logits = sess.run(None, feeds)[0]
+            if logits.ndim != 2:
+                raise BasisPruneError(f"the model output has shape {list(logits.shape)}, not class scores (N, C): use --target-params or --target-macs instead of --max-drop")
+            preds.append(logits.argmax(axis=1))
+        return np.concatenate(preds)
+
+    def score_predictions(self, preds: np.ndarray) -> float:
+        return float((preds == self.targets).mean())
+
+    def score(self, model: ir.Model) -> float:
+        return self.score_predictions(self.predictions(model))
+
+
+def max_drop_plan(
+    layers: Mapping[str, object],
+    scores: Mapping[str, ranks.LayerScores],
+    block: int,
+    quality: Callable[[dict[str, Decision]], float],
+    cost: Callable[[dict[str, Decision]], tuple[int, int]],
+    floor: float,
+    progress: Callable[[SweepPoint], None] | None = None,
+) -> tuple[dict[str, Decision], list[SweepPoint]]:
+    """The highest global threshold (most pruning) whose held-out quality stays >= ``floor``.
+
+    Quality falls, roughly monotonically, as the threshold rises; bisection over the distinct
+    thresholds finds the boundary in log2(#bases) evaluations. Every evaluated point is returned
+    (the sweep for the report and figures); the chosen plan always passed its evaluation.
+    """
+    thresholds = ranks.candidate_thresholds(scores)
+    sweep: list[SweepPoint] = []
+    cache: dict[int, bool] = {}
+
+    def passes(i: int) -> bool:
+        if i not in cache:
+            plan = ranks.threshold_plan(layers, scores, thresholds[i], block)
+            q = quality(plan)
+            params, macs = cost(plan)
+            point = SweepPoint(float(thresholds[i]), params, macs, q, q >= floor)
+            sweep.append(point)
+            if progress:
+                progress(point)
+            cache[i] = point.passed
+        return cache[i]
+
+    lo, hi = 0, len(thresholds) - 1  # invariant: lo passes (threshold 0 keeps nearly everything)
+    if not passes(lo):
+        return ranks.threshold_plan(layers, {}, 0.0, block), sweep
+    if passes(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    return ranks.threshold_plan(layers, scores, thresholds[lo], block), sweep
