@@ -36,10 +36,12 @@ LOSSES = ("labels", "self", "projection")
 
 @dataclass(frozen=True)
 class Gate:
-    """Where a layer's bases live in the decomposed graph: the basis output tensor and its channel axis."""
+    """Where a layer's bases live in the decomposed graph: the basis output tensor, its channel
+    axis, and the number of groups the channels are split into (grouped Conv)."""
 
     tensor: str
     axis: int
+    groups: int = 1
 
 
 @dataclass
@@ -48,6 +50,9 @@ class ImportanceResult:
 
     taylor: dict[str, np.ndarray]
     taylor_sq: dict[str, np.ndarray]
+    # Basis-output moments per layer: E[b b^T] (groups, r, r) and E[b] (groups, r).
+    second: dict[str, np.ndarray]
+    mean: dict[str, np.ndarray]
     loss: str
     samples: int
     seconds: float
@@ -100,8 +105,20 @@ def measure_importance(
     squares: dict[str, torch.Tensor] = {}
     per_sample: dict[str, torch.Tensor] = {}
 
+    outer: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    positions: dict[str, int] = {}
+
+    def accumulate_moments(name: str, gate: Gate, x: torch.Tensor) -> None:
+        b = x.detach().movedim(gate.axis % x.dim(), -1).reshape(-1, x.shape[gate.axis])  # (samples*positions, C)
+        b = b.reshape(len(b), gate.groups, -1).transpose(0, 1).double()  # (g, M, r)
+        outer[name] = outer.get(name, 0) + b.transpose(1, 2) @ b
+        first[name] = first.get(name, 0) + b.sum(dim=1)
+        positions[name] = positions.get(name, 0) + b.shape[1]
+
     def make_hook(name: str, gate: Gate):
         def hook(x: torch.Tensor) -> torch.Tensor:
+            accumulate_moments(name, gate, x)
             def on_grad(grad: torch.Tensor) -> None:
                 dims = [d for d in range(x.dim()) if d not in (0, gate.axis % x.dim())]
                 g = (x.detach() * grad).sum(dim=dims) if dims else x.detach() * grad
@@ -137,7 +154,9 @@ def measure_importance(
         raise ValueError("no calibration samples to measure importance on")
     taylor = {n: (s.abs() / samples).cpu().numpy() for n, s in sums.items()}
     taylor_sq = {n: (s / samples).cpu().numpy() for n, s in squares.items()}
-    return ImportanceResult(taylor, taylor_sq, loss, samples, time.perf_counter() - start, device)
+    second = {n: (o / positions[n]).cpu().numpy() for n, o in outer.items()}
+    mean = {n: (f / positions[n]).cpu().numpy() for n, f in first.items()}
+    return ImportanceResult(taylor, taylor_sq, second, mean, loss, samples, time.perf_counter() - start, device)
 
 
 def _leaf(array: np.ndarray, device: str) -> torch.Tensor:

@@ -23,9 +23,10 @@ from . import ranks
 from .api import PruneResult, apply_plan, budget_plan, plan_cost, prepare, rewritten
 from .errors import BasisPruneError
 from .rewrite import META_LAYER, META_ROLE
+from .svd import BasisStats
 from .search import Evaluator, SweepPoint, max_drop_plan
 
-DEFAULT_CRITERION = "taylor-sq"
+DEFAULT_CRITERION = "energy"
 DEFAULT_MAX_DROP = 1.0
 
 
@@ -99,12 +100,17 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
     check_against_onnxruntime(module, proto, first_inputs)
 
     loss = choose_loss(out_shape or (), calib.labels is not None)
-    criterion = args.criterion or (DEFAULT_CRITERION if loss != "projection" else "taylor-sq")
-    gates = {name: Gate(tensor, axis) for name, (tensor, axis) in basis_gates(decomposed).items()}
+    criterion = args.criterion or DEFAULT_CRITERION
+    gates = {name: Gate(tensor, axis, prepared.layers[name].groups) for name, (tensor, axis) in basis_gates(decomposed).items()}
     n_batches = -(-len(calib) // args.batch_size)
     importance = measure_importance(module, gates, calib.batches(args.batch_size), loss=loss, total=n_batches, device=args.device, seed=args.seed)
-    groups = {name: prepared.layers[name].groups for name in gates}
-    scores = layer_scores(importance.by_criterion(criterion), groups)
+    for name in importance.second:
+        prepared.layers[name].stats = BasisStats(importance.second[name], importance.mean[name])
+    if criterion == "energy":
+        scores = {name: ranks.output_energy_scores(prepared.layers[name]) for name in importance.second}
+    else:
+        groups = {name: prepared.layers[name].groups for name in gates}
+        scores = layer_scores(importance.by_criterion(criterion), groups)
 
     block = ranks.block_size(args.provider)
     evaluator = Evaluator(heldout.inputs, heldout.labels, prepared.model)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--labels", metavar="FILE", help="map class folder names to output indices (one name per line, or JSON)")
     calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
     calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
-    calib.add_argument("--criterion", choices=("taylor", "taylor-sq"), default=None, help="importance: first-order |mean s*dL/ds| (Molchanov 2016) or per-example squared (Molchanov 2019); default: see README")
+    calib.add_argument("--criterion", choices=("taylor", "taylor-sq", "energy"), default=None, help="basis importance: first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's), per-example squared Taylor (Molchanov 2019), or output energy s_i^2 E[b_i^2] on the calibration data; default: see README")
     calib.add_argument("--batch-size", type=int, default=32)
     calib.add_argument("--device", choices=("cpu", "cuda"), help="Torch device for importance (default: cuda when available)")
     calib.add_argument("--seed", type=int, default=0)

@@ -41,6 +41,8 @@ class Layer:
     positions: int  # output positions per sample: prod(spatial) for Conv, rows for Gemm/MatMul
     svd: svdlib.GroupedSVD | None = field(default=None, repr=False)
     skip_reason: str | None = None
+    # Basis-output moments on calibration data; when set, kept bases get least-squares scaling.
+    stats: svdlib.BasisStats | None = field(default=None, repr=False)
 
     @property
     def full_rank(self) -> int:

@@ -41,6 +41,16 @@ def energy_scores(layer: Layer) -> LayerScores:
     return LayerScores(order=np.tile(np.arange(layer.full_rank), (layer.groups, 1)), scores=sq / total)
 
 
+def output_energy_scores(layer: Layer) -> LayerScores:
+    """Data-aware scores: each basis's share of the layer's output energy on calibration data,
+    ``s_i^2 E[b_i^2]`` (the columns of U are orthonormal, so contributions add up)."""
+    power = np.diagonal(layer.stats.second, axis1=1, axis2=2) * layer.svd.s**2
+    total = power.sum(axis=1, keepdims=True)
+    total[total == 0] = 1.0
+    scores = power / total
+    return LayerScores(order=np.argsort(-scores, axis=1, kind="stable"), scores=scores)
+
+
 def cpu_block_size() -> int:
     """Channel block of onnxruntime's CPU convolutions: 16 with AVX-512, else 8."""
     try:

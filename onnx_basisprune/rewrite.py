@@ -60,10 +60,53 @@ def _metadata(layer: Layer, role: str, rank: int) -> dict[str, str]:
     return meta
 
 
-def _pair_weights(layer: Layer, keep: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _bias_value(node: ir.Node) -> np.ndarray | None:
+    """The constant bias (Conv B, Gemm C), None when absent; raises if it is not constant."""
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    return node.inputs[2].const_value.numpy()
+
+
+def _compensates_bias(layer: Layer, node: ir.Node) -> bool:
+    """Whether dropped bases' means can go into the bias (needs a constant or absent bias)."""
+    if layer.op == "MatMul":
+        return False
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    return not has_bias or node.inputs[2].const_value is not None
+
+
+def scaling_and_bias_change(layer: Layer, node: ir.Node, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scaling matrix (g, out_g, r) for the kept bases and the bias change (C_out,) or None.
+
+    Without calibration statistics this is the plain truncation ``U_K S_K``; with them, the
+    least-squares fit that best reproduces the full layer (dropped bases folded into the rest
+    and, where the node has a constant or no bias, their means into the bias).
+    """
+    if layer.stats is None:
+        return svdlib.scaling_matrix(layer.svd, keep), None
+    with_bias = _compensates_bias(layer, node)
+    scaling, delta = svdlib.least_squares_scaling(layer.svd, keep, layer.stats, with_bias)
+    return scaling, delta.reshape(-1) if with_bias else None
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype: np.dtype) -> None:
+    """Add ``delta`` to the node's bias input (creating it when absent)."""
+    old = _bias_value(node)
+    if node.op_type == "Gemm":
+        beta = node.attributes.get_float("beta", 1.0)
+        bias = delta if old is None else beta * old.astype(np.float64) + delta
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    else:
+        bias = delta if old is None else old.astype(np.float64) + delta
+    value = _initializer(graph, f"{node.name}.bias", np.asarray(bias).astype(dtype))
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, value)
+
+
+def _pair_weights(layer: Layer, keep: np.ndarray, scaling: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(basis weight, scaling weight) in the node layout of ``layer.op``."""
     rank = keep.shape[1]
-    scaling = svdlib.scaling_matrix(layer.svd, keep)  # (g, out_g, r)
     if layer.op == "Conv":
         spatial = len(layer.weight_shape) - 2
         basis = svdlib.basis_conv_weight(layer.svd, keep, layer.weight_shape[1:])
@@ -80,7 +123,8 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
     """Replace ``node`` by its basis/scaling pair keeping the bases ``keep``."""
     dtype = node.inputs[1].const_value.numpy().dtype
     rank = keep.shape[1]
-    basis_w, scaling_w = _pair_weights(layer, keep, dtype)
+    scaling_m, bias_change = scaling_and_bias_change(layer, node, keep)
+    basis_w, scaling_w = _pair_weights(layer, keep, scaling_m, dtype)
     name = node.name
     basis_w_value = _initializer(graph, f"{name}.basis.weight", basis_w)
     scaling_w_value = _initializer(graph, f"{name}.scaling.weight", scaling_w)
@@ -106,6 +150,8 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
         "", layer.op, [basis.outputs[0], scaling_w_value, *rest], attributes=scaling_attrs,
         name=f"{name}.scaling", metadata_props=_metadata(layer, "scaling", rank),
     )
+    if bias_change is not None:
+        _set_bias(graph, scaling, bias_change, dtype)
     ir.convenience.replace_nodes_and_values(
         graph, node, [node], [basis, scaling], list(node.outputs), list(scaling.outputs)
     )
@@ -114,7 +160,8 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
 def recompose_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -> None:
     """Swap ``node``'s weight for the truncated ``U_r S_r V_r^T`` (same op, same attributes)."""
     dtype = node.inputs[1].const_value.numpy().dtype
-    w = svdlib.recompose(layer.svd, keep)  # (g, out_g, fan_in), y = W x
+    scaling, bias_change = scaling_and_bias_change(layer, node, keep)
+    w = scaling @ np.take_along_axis(layer.svd.vt, keep[:, :, None], axis=1)  # (g, out_g, fan_in), y = W x
     if layer.op == "Conv":
         weight = w.reshape(layer.weight_shape)
     elif layer.op == "MatMul":
@@ -124,6 +171,8 @@ def recompose_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarra
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)  # alpha is folded into w
     new_value = _initializer(graph, f"{node.name}.weight_rank{keep.shape[1]}", weight.astype(dtype))
     node.replace_input_with(1, new_value)
+    if bias_change is not None:
+        _set_bias(graph, node, bias_change, dtype)
 
 
 class ApplyDecisionsPass(ir.passes.InPlacePass):

@@ -94,3 +94,39 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
 def top_keep(groups: int, rank: int) -> np.ndarray:
     """Index array keeping the ``rank`` leading bases of every group."""
     return np.tile(np.arange(rank), (groups, 1))
+
+
+@dataclass(frozen=True)
+class BasisStats:
+    """Moments of the basis outputs on calibration data, per group: ``second`` E[b b^T]
+    (groups, r, r) and ``mean`` E[b] (groups, r), over samples and output positions."""
+
+    second: np.ndarray
+    mean: np.ndarray
+
+
+def least_squares_scaling(
+    svd: GroupedSVD, keep: np.ndarray, stats: BasisStats, with_bias: bool, ridge: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaling weights for the kept bases that best reproduce the full layer on calibration data.
+
+    Minimises E|U S b - (W_K b_K + d)|^2 over W_K (and the bias change d when ``with_bias``)
+    in closed form from the basis-output moments, in float64. Dropped bases are thereby
+    replaced by their best linear estimate from the kept ones (at least by their mean).
+    Returns (scaling (groups, out_g, r), bias change (groups, out_g)).
+    """
+    us = svd.u * svd.s[:, None, :]  # (g, out_g, R)
+    scaling, delta = [], []
+    for g in range(svd.groups):
+        k = keep[g]
+        second, mean = stats.second[g], stats.mean[g]
+        cross = second[:, k]  # E[b b_K^T]  (R, r)
+        gram = second[np.ix_(k, k)]  # E[b_K b_K^T]
+        if with_bias:
+            cross = np.concatenate([cross, mean[:, None]], axis=1)
+            gram = np.block([[gram, mean[k][:, None]], [mean[k][None, :], np.ones((1, 1))]])
+        gram = gram + ridge * (np.trace(gram) / len(gram)) * np.eye(len(gram))
+        solution = np.linalg.solve(gram, (us[g] @ cross).T).T  # (out_g, r[+1])
+        scaling.append(solution[:, : len(k)])
+        delta.append(solution[:, len(k)] if with_bias else np.zeros(us.shape[1]))
+    return np.stack(scaling), np.stack(delta)
