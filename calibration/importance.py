@@ -73,11 +73,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _per_sample_rows(out: torch.Tensor) -> torch.Tensor:
+    """An output as (samples, features); a scalar output is one row of one feature."""
+    return out.reshape(out.shape[0], -1) if out.dim() else out.reshape(1, 1)
+
+
 def _per_sample_loss(outputs: tuple[torch.Tensor, ...], loss: str, labels: torch.Tensor | None,
                      projections: list[torch.Tensor]) -> torch.Tensor:
     """Sum over the batch of per-sample losses (so dL/ds per sample is recoverable)."""
     if loss == "projection":
-        return sum((out.reshape(out.shape[0], -1) @ r).sum() for out, r in zip(outputs, projections))
+        return sum((_per_sample_rows(out) @ r).sum() for out, r in zip(outputs, projections))
     logits = outputs[0].float()
     target = labels if loss == "labels" else logits.argmax(dim=1).detach()
     return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
@@ -139,7 +144,7 @@ def measure_importance(
         feeds = {k: _leaf(v, device) for k, v in inputs.items()}
         outputs = module(**feeds, hooks=hooks)
         if loss == "projection" and not projections:
-            projections = [torch.randn(int(np.prod(o.shape[1:])), generator=generator).to(device, o.dtype) for o in outputs]
+            projections = [torch.randn(_per_sample_rows(o).shape[1], generator=generator).to(device, o.dtype) for o in outputs]
         y = None if labels is None else torch.from_numpy(labels).to(device)
         per_sample.clear()
         _per_sample_loss(outputs, loss, y, projections).backward()

@@ -1,0 +1,128 @@
+"""The main job end to end (``--calib``) on the built-in example, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from onnx_basisprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "digits"
+
+
+def _heldout_accuracy(model_path: Path) -> float:
+    xs, ys = [], []
+    for folder in sorted((EXAMPLE / "heldout").iterdir()):
+        for png in sorted(folder.glob("*.png")):
+            xs.append(np.asarray(Image.open(png).convert("L"), dtype=np.float32)[None] / 255.0)
+            ys.append(int(folder.name))
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": np.stack(xs)})[0]
+    return float((logits.argmax(1) == np.array(ys)).mean())
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("main") / "digits.pruned.onnx"
+    report = out.with_suffix(".json")
+    code = main([str(EXAMPLE / "model.onnx"), "--calib", str(EXAMPLE / "calib"), "--eval", str(EXAMPLE / "heldout"),
+                 "-o", str(out), "--report", str(report)])
+    assert code == 0
+    return out, json.loads(report.read_text())
+
+
+def test_main_job_prunes_within_the_quality_budget(pruned):
+    out, report = pruned
+    q = report["quality"]
+    assert q["metric"] == "accuracy" and q["n"] == 540
+    assert q["pruned"] >= q["original"] - 0.01
+    assert report["pruned"]["params"] < 0.8 * report["original"]["params"]
+    assert report["pruned"]["macs"] < report["original"]["macs"]
+    # the quality in the report is what onnxruntime measures on the written file
+    assert _heldout_accuracy(out) == pytest.approx(q["pruned"], abs=1e-9)
+    assert {"samples", "seconds", "loss", "criterion"} <= set(report["calibration"])
+    assert report["sweep"] and all({"threshold", "params", "macs", "quality", "passed"} <= set(p) for p in report["sweep"])
+
+
+def test_main_job_output_has_no_gates_and_passes_checker(pruned):
+    out, report = pruned
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert ops <= {"Conv", "Relu", "MaxPool", "GlobalAveragePool", "Flatten", "Gemm"}
+    roles = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "basisprune.role"}
+    assert roles == {"basis", "scaling"}
+    actions = {layer["action"] for layer in report["layers"]}
+    assert "decomposed" in actions and actions <= {"decomposed", "recomposed", "kept", "skipped"}
+
+
+def test_unlabeled_calibration_uses_agreement(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, png in enumerate(sorted((EXAMPLE / "calib").glob("*/*.png"))[:120]):
+        (flat / f"{i}.png").write_bytes(png.read_bytes())
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main([str(EXAMPLE / "model.onnx"), "--calib", str(flat), "--criterion", "taylor", "--target-params", "0.6",
+                 "-o", str(out), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["quality"]["metric"] == "agreement"
+    assert data["calibration"]["loss"] == "self" and data["calibration"]["criterion"] == "taylor"
+    assert data["pruned"]["params"] <= 0.6 * data["original"]["params"]
+
+
+def _run_bad(tmp_path, capsys, *extra: str) -> str:
+    out = tmp_path / "out.onnx"
+    code = main([str(EXAMPLE / "model.onnx"), "-o", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert not out.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("onnx-basisprune: error:"), err
+    return err
+
+
+def test_missing_calibration_folder(tmp_path, capsys):
+    assert "not found" in _run_bad(tmp_path, capsys, "--calib", str(tmp_path / "nope"))
+
+
+def test_empty_calibration_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _run_bad(tmp_path, capsys, "--calib", str(tmp_path / "empty"))
+
+
+def test_corrupt_image(tmp_path, capsys):
+    folder = tmp_path / "bad" / "0"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"not a png")
+    assert "a.png" in _run_bad(tmp_path, capsys, "--calib", str(tmp_path / "bad"))
+
+
+def test_labels_beyond_the_model_outputs(tmp_path, capsys):
+    root = tmp_path / "many"
+    for k in range(12):  # 12 classes, the model has 10 outputs
+        (root / f"c{k:02d}").mkdir(parents=True)
+        Image.new("L", (32, 32), color=k * 10).save(root / f"c{k:02d}" / "x.png")
+    _run_bad(tmp_path, capsys, "--calib", str(root))
+
+
+def test_wrong_array_shape(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 5, 5), dtype=np.float32))
+    _run_bad(tmp_path, capsys, "--calib", str(tmp_path / "x.npy"))
+
+
+def test_max_drop_without_calibration(tmp_path, capsys):
+    _run_bad(tmp_path, capsys, "--max-drop", "1")
+
+
+def test_graph_side_never_imports_torch():
+    code = "import sys, onnx_basisprune, onnx_basisprune.cli, onnx_basisprune.bench, onnx_basisprune.search, onnx_basisprune.calibrated; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
