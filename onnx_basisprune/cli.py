@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    parser.add_argument("--no-bench", action="store_true", help="skip timing the original and pruned models on onnxruntime")
+    parser.add_argument("--bench-batch", default="1,8", metavar="B,B", help="batch sizes for the before/after latency (default 1,8)")
     calib = parser.add_argument_group("calibration (the main job)")
     calib.add_argument("--calib", metavar="DATA", help="target-domain images (folder with class subfolders, or flat) or .npy/.npz arrays")
     calib.add_argument("--eval", metavar="DATA", help="separate held-out data for quality checks (default: a split of --calib)")
@@ -125,10 +127,34 @@ def run_prune(args: argparse.Namespace) -> int:
     print()
     print(summary_table(result, file_size(model_path), file_size(output)))
     print(f"\nwrote {output}")
+    if not args.no_bench:
+        result.extra["latency"], result.extra["latency_environment"] = _latency(model_path, output, args.bench_batch, shapes)
     if args.report:
         write_json(result.to_json(), args.report)
         print(f"wrote {args.report}")
     return 0
+
+
+def _latency(original: Path, pruned: Path, batches: str, shapes) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Time original vs pruned on every working provider (alternating runs); print the table."""
+    from .bench import BenchConfig, available_providers, benchmark, format_bench
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise BasisPruneError(f"--bench-batch expects comma-separated integers, got '{batches}'") from None
+    config = BenchConfig(providers=tuple(available_providers()), batches=sizes, input_shapes=shapes)
+    bench = benchmark([original, pruned], config, names=["original", "pruned"])
+    print()
+    print(format_bench(bench))
+    latency: dict[str, list[dict]] = {}
+    for case in bench.cases:
+        before, after = case.timings
+        latency.setdefault(case.provider, []).append(
+            {"batch": case.batch, "threads": case.threads, "original_ms": before.median_ms, "pruned_ms": after.median_ms,
+             "ratio": after.ratio, "ratio_ci": list(after.ratio_ci) if after.ratio_ci else None}
+        )
+    return latency, bench.environment
 
 
 def run_inspect(argv: Sequence[str]) -> int:
