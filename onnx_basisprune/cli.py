@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Shrink an exported ONNX CNN by basis scaling: split every Conv/Gemm into an SVD "
-        "basis layer and a scaling layer, then drop the bases that matter least (by Taylor importance "
-        "on your calibration data with --calib, else by singular-value energy).",
+        "basis layer and a scaling layer, then drop the bases that matter least, judged on your "
+        "calibration data with --calib (the main job), else by singular-value energy.",
         epilog=f"Other modes: '{PROG} inspect MODEL.onnx' (per-layer ranks) and '{PROG} bench A.onnx B.onnx' "
         f"(onnxruntime latency; see '{PROG} bench -h').",
     )
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
     calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
     calib.add_argument("--criterion", choices=("taylor", "taylor-sq", "energy"), default=None, help="basis importance: first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's), per-example squared Taylor (Molchanov 2019), or output energy s_i^2 E[b_i^2] on the calibration data; default: see README")
-    calib.add_argument("--batch-size", type=int, default=32)
+    calib.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     calib.add_argument("--device", choices=("cpu", "cuda"), help="Torch device for importance (default: cuda when available)")
     calib.add_argument("--seed", type=int, default=0)
     pre = parser.add_argument_group("preprocessing overrides (default: inferred from the model input; printed)")
