@@ -113,7 +113,7 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
         scores = layer_scores(importance.by_criterion(criterion), groups)
 
     block = ranks.block_size(args.provider)
-    evaluator = Evaluator(heldout.inputs, heldout.labels, prepared.model)
+    evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model)
     sweep: list[SweepPoint] = []
     if args.target_params is not None or args.target_macs is not None:
         plan = budget_plan(prepared, scores, target_params=args.target_params, target_macs=args.target_macs, block=block)

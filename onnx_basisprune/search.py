@@ -3,7 +3,7 @@ a quality budget (``--max-drop``): bisection over the global importance threshol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,30 +34,32 @@ def session(model: ir.Model, threads: int | None = None) -> ort.InferenceSession
 
 
 class Evaluator:
-    """Top-1 accuracy (labeled) or top-1 agreement with the original model (unlabeled), in points
-    of [0, 1], on a fixed held-out set."""
+    """Top-1 accuracy (labeled) or top-1 agreement with the original model (unlabeled), as a
+    fraction, on a fixed held-out set streamed in batches (memory does not grow with its size)."""
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None, original: ir.Model, batch_size: int = 64):
-        self.inputs = dict(inputs)
-        self.batch_size = batch_size
-        self.n = len(next(iter(self.inputs.values())))
+    def __init__(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], object]]], labels: np.ndarray | None, original: ir.Model):
+        self.batches = batches
+        reference = self.predictions(original)
+        self.n = len(reference)
         if self.n == 0:
             raise BasisPruneError("the held-out set is empty")
-        reference = self.predictions(original)
         self.metric = "accuracy" if labels is not None else "agreement"
         self.targets = labels if labels is not None else reference
         self.original = self.score_predictions(reference)
 
     def predictions(self, model: ir.Model) -> np.ndarray:
         sess = session(model)
-        preds = []
-        for start in range(0, self.n, self.batch_size):
-            feeds = {k: v[start : start + self.batch_size] for k, v in self.inputs.items()}
-            logits = sess.run(None, feeds)[0]
-            if logits.ndim != 2:
-                raise BasisPruneError(f"the model output has shape {list(logits.shape)}, not class scores (N, C): use --target-params or --target-macs instead of --max-drop")
-            preds.append(logits.argmax(axis=1))
-        return np.concatenate(preds)
+        preds = [self._argmax(sess.run(None, feeds)[0]) for feeds, _ in self.batches()]
+        return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _argmax(logits: np.ndarray) -> np.ndarray:
+        if logits.ndim != 2:
+            raise BasisPruneError(
+                f"the model output has shape {list(logits.shape)}, not class scores (N, C): "
+                "use --target-params or --target-macs instead of --max-drop"
+            )
+        return logits.argmax(axis=1)
 
     def score_predictions(self, preds: np.ndarray) -> float:
         return float((preds == self.targets).mean())
