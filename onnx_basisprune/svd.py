@@ -85,8 +85,10 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
     """
     sq = np.asarray(s, dtype=np.float64) ** 2
     total = sq.sum(axis=1, keepdims=True)
-    total[total == 0] = 1.0
+    zero = total[:, 0] == 0
+    total[zero] = 1.0
     covered = np.cumsum(sq, axis=1) / total
+    covered[zero] = 1.0  # an all-zero group is covered by a single basis
     ranks = (covered < energy - 1e-12).sum(axis=1) + 1
     return int(min(ranks.max(), s.shape[1]))
 
