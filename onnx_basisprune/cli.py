@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    parser.add_argument("--report-md", metavar="R.md", help="write a Markdown report here, with PNG figures beside it (sweep, kept ranks)")
     parser.add_argument("--no-bench", action="store_true", help="skip timing the original and pruned models on onnxruntime")
     parser.add_argument("--bench-batch", default="1,8", metavar="B,B", help="batch sizes for the before/after latency (default 1,8)")
     calib = parser.add_argument_group("calibration (the main job)")
@@ -108,6 +109,9 @@ def run_prune(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     output = Path(args.output) if args.output else default_output(model_path)
     check_output(model_path, output)
+    for extra in (args.report, args.report_md):
+        if extra:
+            check_output(model_path, Path(extra))
     shapes = dict(args.input_shape) or None
     start = time.perf_counter()
     if args.calib:
@@ -132,7 +136,19 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.report:
         write_json(result.to_json(), args.report)
         print(f"wrote {args.report}")
+    if args.report_md:
+        _write_markdown(result, Path(args.report_md))
+        print(f"wrote {args.report_md}")
     return 0
+
+
+def _write_markdown(result, path: Path) -> None:
+    from .figures import ranks_figure, sweep_figure
+    from .report import markdown_report
+
+    stem = path.with_suffix("")
+    figures = [f for f in (sweep_figure(result, f"{stem}.sweep.png"), ranks_figure(result, f"{stem}.ranks.png")) if f]
+    path.write_text(markdown_report(result, figures), encoding="utf-8")
 
 
 def _latency(original: Path, pruned: Path, batches: str, shapes) -> tuple[dict[str, list[dict]], dict[str, str]]:

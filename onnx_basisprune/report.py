@@ -104,3 +104,38 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def markdown_report(result: PruneResult, figures: Sequence[Path] = ()) -> str:
+    """The same content as the console report, as Markdown, with the figures linked."""
+    data = result.to_json()
+    lines = ["# onnx-basisprune report", ""]
+    if "output" in data:
+        lines += [f"Output: `{data['output']}`", ""]
+    lines += ["## Summary", "", "| | original | pruned | ratio |", "|---|---|---|---|"]
+    for key, label in (("params", "params"), ("macs", "MACs (batch 1)")):
+        a, b = data["original"][key], data["pruned"][key]
+        lines.append(f"| {label} | {a:,} | {b:,} | {b / a:.3f} |")
+    quality = data.get("quality")
+    if quality:
+        lines.append(f"| {quality['metric']} (n={quality['n']}) | {quality['original']:.4f} | {quality['pruned']:.4f} | "
+                     f"{(quality['pruned'] - quality['original']) * 100:+.2f} pt |")
+    latency = data.get("latency")
+    if latency:
+        lines += ["", "## Latency (onnxruntime, median of alternating runs)", "", "| provider | batch | original ms | pruned ms | ratio [95% CI] |", "|---|---|---|---|---|"]
+        for provider, rows in latency.items():
+            for row in rows:
+                ci = f" [{row['ratio_ci'][0]:.3f}, {row['ratio_ci'][1]:.3f}]" if row.get("ratio_ci") else ""
+                lines.append(f"| {provider} | {row['batch']} | {row['original_ms']:.3f} | {row['pruned_ms']:.3f} | {row['ratio']:.3f}{ci} |")
+        env = data.get("latency_environment", {})
+        if env:
+            lines += ["", ", ".join(f"{k}: {env[k]}" for k in ("onnxruntime", "cpu", "threads", "date") if k in env)]
+    lines += ["", "## Layers", "", "| layer | op | weight | rank | break-even | kept | action | params | → | reason |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for layer in result.layers:
+        lines.append(
+            f"| `{layer.name}` | {layer.op} | {'x'.join(map(str, layer.weight_shape))} | {layer.full_rank} | {layer.break_even_rank} | "
+            f"{'-' if layer.kept_rank is None else layer.kept_rank} | {layer.action} | {layer.params:,} | {layer.pruned_params:,} | {layer.reason} |"
+        )
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]
+    return "\n".join(lines) + "\n"
