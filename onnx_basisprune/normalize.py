@@ -40,10 +40,21 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, result.modified)
 
 
+class InitializersNotInputsPass(ir.passes.InPlacePass):
+    """Drop initializers from the graph inputs (old exports list them there). IR versions
+    before 4 require that listing, so such a model moves to IR version 4, which allows it."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = common.RemoveInitializersFromInputsPass()(model)
+        if result.modified and model.ir_version < 4:
+            model.ir_version = 4
+        return ir.passes.PassResult(model, result.modified)
+
+
 def normalising_passes() -> ir.passes.Sequential:
     """The pass pipeline; exposed so tests can run it alone."""
     return ir.passes.Sequential(
-        common.RemoveInitializersFromInputsPass(),
+        InitializersNotInputsPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         FoldConstantsPass(shape_inference=False, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
