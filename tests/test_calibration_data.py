@@ -283,7 +283,10 @@ def test_limit_is_class_balanced_deterministic_and_decodes_only_chosen(tmp_path:
     read_image = module._read_image
     monkeypatch.setattr(module, "_read_image", lambda path, *a: decoded.append(path) or read_image(path, *a))
     result = load_calibration(root, [spec(3, 6)], limit=8, seed=1)
-    assert len(decoded) == 8 and np.bincount(result.labels).tolist() == [2, 3, 3]
+    assert len(decoded) == 1 and np.bincount(result.labels).tolist() == [2, 3, 3]  # the first, checked
+    result.inputs
+    chosen = set(decoded[1:])
+    assert len(decoded) == 9 and len(chosen) == 8 and decoded[0] in chosen
     again = load_calibration(root, [spec(3, 6)], limit=8, seed=1)
     np.testing.assert_array_equal(again.inputs["input"], result.inputs["input"])
     assert "8 of 14 images" in result.source
@@ -428,3 +431,137 @@ def test_real_cifar10_test_folder() -> None:
     assert len(result.class_names) == 10 and result.class_names[0] == "airplane"
     assert np.bincount(result.labels, minlength=10).tolist() == [20] * 10
     assert -2.5 < x.min() < 0 < x.max() < 2.8
+
+
+# --------------------------------------------------------------------------- laziness and memory
+
+
+def _count_decodes(monkeypatch) -> list[Path]:
+    """Record every image decoded by the module (all decoding goes through ``_read_image``)."""
+    from onnx_basisprune.calibration import data as module
+
+    decoded: list[Path] = []
+    read_image = module._read_image
+    monkeypatch.setattr(module, "_read_image", lambda path, *a: decoded.append(path) or read_image(path, *a))
+    return decoded
+
+
+def _reference(files: list[Path], size: int) -> np.ndarray:
+    """The default CIFAR-size preprocessing done by hand, file by file: resize, /255, ImageNet mean/std, NCHW."""
+    out = []
+    for f in files:
+        with Image.open(f) as img:
+            pixels = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        out.append(((pixels.astype(np.float32) * np.float32(1 / 255) - MEAN) / STD).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def test_image_folder_decodes_only_per_batch(tmp_path: Path, monkeypatch) -> None:
+    root = class_folder(tmp_path / "data", {"a": 4, "b": 6}, size=10)
+    decoded = _count_decodes(monkeypatch)
+    result = load_calibration(root, [spec(3, 10)])
+    assert len(decoded) <= 1
+    decoded.clear()
+    assert len(result) == 10 and result.labels.tolist() == [0] * 4 + [1] * 6 and result.class_names == ["a", "b"]
+    rest, held = result.split(0.3, seed=0)
+    part = rest.subset(np.array([0, 2]))
+    assert (len(rest), len(held), len(part)) == (7, 3, 2) and decoded == []
+    batches = result.batches(4)
+    assert decoded == []
+    steps = []
+    for x, y in batches:
+        steps.append(len(decoded))
+        assert len(x["input"]) == len(y) == steps[-1]
+        decoded.clear()
+    assert steps == [4, 4, 2]
+
+
+def test_batches_equal_eager_decoding(tmp_path: Path) -> None:
+    root = class_folder(tmp_path / "data", {"a": 3, "b": 4}, size=10)
+    files = sorted(root.rglob("*.png"))
+    result = load_calibration(root, [spec(3, 8)])
+    expected = _reference(files, 8)
+    streamed = [x["input"] for x, _ in result.batches(3)]
+    assert [len(x) for x in streamed] == [3, 3, 1]
+    assert all(x.dtype == np.float32 and x.flags.c_contiguous for x in streamed)
+    np.testing.assert_allclose(np.concatenate(streamed), expected, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate(streamed), result.inputs["input"])  # one-shot path agrees
+    rest, held = result.split(0.3, seed=1)
+    order = np.concatenate([rest._index, held._index])  # positions in the folder's file list
+    assert sorted(order.tolist()) == list(range(7))
+    for part in (rest, held):
+        got = np.concatenate([x["input"] for x, _ in part.batches(2)])
+        np.testing.assert_allclose(got, expected[part._index], atol=1e-6)
+        labels = np.concatenate([y for _, y in part.batches(2)])
+        np.testing.assert_array_equal(labels, result.labels[part._index])
+    again = np.concatenate([x["input"] for x, _ in load_calibration(root, [spec(3, 8)]).batches(5)])
+    np.testing.assert_array_equal(again, np.concatenate(streamed))  # deterministic across loads and batch sizes
+
+
+def test_npy_is_memory_mapped_and_read_per_batch(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 6, 6, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", pixels)
+    result = load_calibration(tmp_path / "x.npy", [spec(3, 6)], limit=6, seed=2)
+    raw = result._samples.arrays[0][1]
+    assert isinstance(raw, np.memmap) and raw.mode == "r"
+    chosen = result._index
+    assert len(chosen) == 6 and np.all(np.diff(chosen) > 0)
+    writable = np.load(tmp_path / "x.npy", mmap_mode="r+")  # change the file after loading:
+    writable[chosen[-1]] = 255  # the batches see it, so nothing was copied at load time
+    writable.flush()
+    del writable
+    pixels[chosen[-1]] = 255
+    batches = list(result.batches(4))
+    assert [len(x["input"]) for x, _ in batches] == [4, 2] and all(y is None for _, y in batches)
+    assert all(type(x["input"]) is np.ndarray for x, _ in batches)
+    x = np.concatenate([x["input"] for x, _ in batches])
+    np.testing.assert_allclose(x, ((pixels[chosen] / 255 - MEAN) / STD).transpose(0, 3, 1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_integer_range_is_checked_at_load(tmp_path: Path, suffix: str) -> None:
+    ids = InputSpec("ids", "other", None, None, None, np.dtype(np.int32), (None, 2))
+    data = np.zeros((50, 2), np.int64)
+    data[37, 1] = 2**40
+    if suffix == ".npy":
+        np.save(tmp_path / "d.npy", data)
+    else:
+        np.savez(tmp_path / "d.npz", ids=data)
+    with one_line_error(r"values \[0, 1099511627776\] do not fit int32"):
+        load_calibration(tmp_path / f"d{suffix}", [ids])
+    data[37, 1] = 7
+    np.save(tmp_path / "d.npy", data)
+    got = np.concatenate([x["ids"] for x, _ in load_calibration(tmp_path / "d.npy", [ids]).batches(8)])
+    assert got.dtype == np.int32 and got.tolist() == data.tolist()
+
+
+def test_corrupt_image_in_the_middle_fails_at_load(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "data"
+    for i in range(6):
+        save_image(root / f"{i}.png", 8, 8, seed=i)
+    (root / "3.png").write_bytes(b"\x89PNG not really")
+    decoded = _count_decodes(monkeypatch)
+    with one_line_error(r"cannot read image .*3\.png"):
+        load_calibration(root, [spec(3, 8)])
+    assert len(decoded) == 0  # found by the header check, before any decoding
+    data = bytearray((root / "2.png").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a damaged PNG chunk: its CRC no longer matches
+    save_image(root / "3.png", 8, 8)
+    (root / "2.png").write_bytes(bytes(data))
+    with one_line_error(r"cannot read image .*2\.png"):
+        load_calibration(root, [spec(3, 8)])
+
+
+def test_truncated_jpeg_in_the_middle_fails_in_its_batch(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(6):
+        save_image(root / f"{i}.jpg", 64, 64, seed=i)
+    data = (root / "3.jpg").read_bytes()
+    (root / "3.jpg").write_bytes(data[: len(data) // 2])  # headers intact: only decoding finds it
+    result = load_calibration(root, [spec(3, 8)])
+    batches = result.batches(2)
+    next(batches)
+    with one_line_error(r"cannot read image .*3\.jpg"):
+        next(batches)
+    with one_line_error("batch_size must be at least 1"):
+        result.batches(0)  # checked at the call, not at the first batch
