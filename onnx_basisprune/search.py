@@ -68,6 +68,13 @@ class Evaluator:
         return self.score_predictions(self.predictions(model))
 
 
+def plan_signature(plan: Mapping[str, Decision]) -> tuple:
+    """Identifies the model a plan produces (same actions and kept bases -> same model)."""
+    return tuple(
+        (name, d.action, None if d.keep is None else d.keep.tobytes()) for name, d in sorted(plan.items())
+    )
+
+
 def max_drop_plan(
     layers: Mapping[str, object],
     scores: Mapping[str, ranks.LayerScores],
@@ -85,19 +92,20 @@ def max_drop_plan(
     """
     thresholds = ranks.candidate_thresholds(scores)
     sweep: list[SweepPoint] = []
-    cache: dict[int, bool] = {}
+    evaluated: dict[tuple, bool] = {}  # neighbouring thresholds often give the same model
 
     def passes(i: int) -> bool:
-        if i not in cache:
-            plan = ranks.threshold_plan(layers, scores, thresholds[i], block)
+        plan = ranks.threshold_plan(layers, scores, thresholds[i], block)
+        key = plan_signature(plan)
+        if key not in evaluated:
             q = quality(plan)
             params, macs = cost(plan)
             point = SweepPoint(float(thresholds[i]), params, macs, q, q >= floor)
             sweep.append(point)
             if progress:
                 progress(point)
-            cache[i] = point.passed
-        return cache[i]
+            evaluated[key] = point.passed
+        return evaluated[key]
 
     lo, hi = 0, len(thresholds) - 1  # invariant: lo passes (threshold 0 keeps nearly everything)
     if not passes(lo):
