@@ -114,6 +114,8 @@ def run_prune(args: argparse.Namespace) -> int:
             check_output(model_path, Path(extra))
     shapes = dict(args.input_shape) or None
     start = time.perf_counter()
+    if args.calib and (args.full_rank or args.energy is not None):
+        raise BasisPruneError("--full-rank and --energy are data-free: drop them or --calib")
     if args.calib:
         from .calibrated import run_main_job
 
