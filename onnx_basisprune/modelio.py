@@ -67,6 +67,10 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> list[Path]:
         raise BasisPruneError(f"{path}: cannot write the output ({exc.strerror})") from None
     try:
         tmp_model = tmp_dir / path.name
+        if not external:
+            # Tensors still read lazily from the input's data file would be saved as references
+            # to that file (relative to the input's folder): bring them into the model file.
+            ir.external_data.load_to_model(model)
         ir.save(model, tmp_model, external_data=data_name if external else None)
         written = [path]
         if external:
