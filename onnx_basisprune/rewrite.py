@@ -41,7 +41,18 @@ class Decision:
         return None if self.keep is None else int(self.keep.shape[1])
 
 
+def _unique_value_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... if a value of the graph already has that name."""
+    taken = {v.name for v in graph.inputs} | set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = _unique_value_name(graph, name)
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
@@ -145,7 +156,7 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
         "", layer.op, [x, basis_w_value], attributes=basis_attrs, name=f"{name}.basis",
         metadata_props=_metadata(layer, "basis", rank),
     )
-    basis.outputs[0].name = f"{node.outputs[0].name}.basis"
+    basis.outputs[0].name = _unique_value_name(graph, f"{node.outputs[0].name}.basis")
     scaling = ir.Node(
         "", layer.op, [basis.outputs[0], scaling_w_value, *rest], attributes=scaling_attrs,
         name=f"{name}.scaling", metadata_props=_metadata(layer, "scaling", rank),
