@@ -22,6 +22,22 @@ from onnxscript.rewriter.rules.common import (
 _FOLD_LIMIT = 1 << 62
 
 
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    """Fold a ConstantOfShape (onnxscript keeps it by default, to keep models small) when its
+    output is only constant data: an input of nodes whose other inputs are constants (a weight
+    built as zeros + W) or the weight/bias of a Conv/Gemm/MatMul. Elsewhere the default applies."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    uses = node.outputs[0].uses()
+
+    def constant_use(user: ir.Node, index: int) -> bool:
+        if index >= 1 and user.op_type in ("Conv", "Gemm", "MatMul"):
+            return True
+        return all(v is None or v is node.outputs[0] or v.const_value is not None for v in user.inputs)
+
+    return True if uses and all(constant_use(user, index) for user, index in uses) else None
+
+
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold BatchNormalization into the preceding Conv/Gemm (onnxscript's rules), keeping the
     Conv/Gemm node's name so reports and metadata still point at the layer the user knows."""
@@ -56,7 +72,12 @@ def normalising_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
         InitializersNotInputsPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        FoldConstantsPass(shape_inference=False, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT),
+        FoldConstantsPass(
+            shape_inference=False,
+            input_size_limit=_FOLD_LIMIT,
+            output_size_limit=_FOLD_LIMIT,
+            should_fold=_fold_constant_of_shape,
+        ),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         FoldBatchNormPass(),
         common.RemoveUnusedNodesPass(),
