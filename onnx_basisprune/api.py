@@ -11,6 +11,7 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,6 +26,9 @@ from .normalize import normalize
 from .rewrite import ApplyDecisionsPass, Decision
 from .shapes import ShapeTable, infer_shapes
 from .svd import energy_rank
+
+if TYPE_CHECKING:
+    from .latency import LatencyTable
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -166,13 +170,16 @@ def data_free_plan(
     target_params: float | None = None,
     target_macs: float | None = None,
     provider: str = "cpu",
+    target_latency: float | None = None,
+    table: LatencyTable | None = None,
 ) -> dict[str, Decision]:
     """Plan by singular-value energy: per layer (``energy``) or under a global budget."""
     block = ranks.block_size(provider)
-    if target_params is None and target_macs is None:
+    if target_params is None and target_macs is None and target_latency is None:
         return ranks.energy_plan(prepared.layers, 0.99 if energy is None else energy, block)
     scores = {name: ranks.energy_scores(layer) for name, layer in prepared.splittable().items()}
-    return budget_plan(prepared, scores, target_params=target_params, target_macs=target_macs, block=block)
+    return budget_plan(prepared, scores, target_params=target_params, target_macs=target_macs, block=block,
+                       target_latency=target_latency, table=table)
 
 
 def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, int]:
@@ -185,6 +192,28 @@ def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, in
     return params, macs
 
 
+def use_measured_latency(prepared: Prepared, provider: str, block: int) -> LatencyTable:
+    """Time every layer on ``provider`` (cached) and let those times set the break-even ranks."""
+    from .latency import measure_latency_table
+
+    table = measure_latency_table(prepared, provider=provider, block=block)
+    for name, layer in prepared.splittable().items():
+        layer.measured_break_even = table.break_even_rank(name)
+    return table
+
+
+def predicted_latency_ratio(prepared: Prepared, plan: Mapping[str, Decision], table: LatencyTable) -> float:
+    """Whole-model latency after ``plan`` relative to before, from the per-layer table: the
+    splittable layers' summed time, pruned over original (other ops taken as unchanged in share)."""
+    before = sum(table.layers[name].original_ms for name in table.layers)
+    after = 0.0
+    for name in table.layers:
+        decision = plan.get(name)
+        split = decision is not None and decision.action == "decomposed"
+        after += table.layer_ms(name, decision.rank if split else None)
+    return after / before if before > 0 else 1.0
+
+
 def budget_plan(
     prepared: Prepared,
     scores: Mapping[str, ranks.LayerScores],
@@ -192,16 +221,24 @@ def budget_plan(
     target_params: float | None,
     target_macs: float | None,
     block: int,
+    target_latency: float | None = None,
+    table: LatencyTable | None = None,
 ) -> dict[str, Decision]:
-    """The least pruning (by global score threshold) that meets a params or MACs fraction."""
+    """The least pruning (by global score threshold) that meets a params, MACs or latency fraction."""
     layers = prepared.layers
-    if target_params is not None:
-        label, value, total, index = "params", target_params, prepared.original.params, 0
-    else:
-        label, value, total, index = "MACs", target_macs, prepared.original.macs, 1
+    if target_latency is not None:
+        label, value, total = "latency", target_latency, 1.0
 
-    def measure(plan: dict[str, Decision]) -> float:
-        return plan_cost(prepared, plan)[index]
+        def measure(plan: dict[str, Decision]) -> float:
+            return predicted_latency_ratio(prepared, plan, table)
+
+    else:
+        index = 0 if target_params is not None else 1
+        label, value = ("params", target_params) if index == 0 else ("MACs", target_macs)
+        total = prepared.original.params if index == 0 else prepared.original.macs
+
+        def measure(plan: dict[str, Decision]) -> float:
+            return plan_cost(prepared, plan)[index]
 
     budget = value * total
     plan = ranks.budget_plan(layers, scores, measure, budget, block)
@@ -219,18 +256,30 @@ def prune(
     energy: float | None = None,
     target_params: float | None = None,
     target_macs: float | None = None,
+    target_latency: float | None = None,
+    latency_aware: bool = False,
     provider: str = "cpu",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> PruneResult:
     """Data-free pruning: keep per layer the bases covering ``energy`` (default 0.99) of the
-    squared singular values, or meet ``target_params`` / ``target_macs`` (fraction that remains)."""
-    if sum(x is not None for x in (energy, target_params, target_macs)) > 1:
-        raise BasisPruneError("give one of energy, target_params, target_macs")
-    for name, value in (("energy", energy), ("target_params", target_params), ("target_macs", target_macs)):
+    squared singular values, or meet ``target_params`` / ``target_macs`` / ``target_latency``
+    (fraction that remains). ``latency_aware`` (implied by ``target_latency``) times every layer
+    on ``provider`` and splits a layer only where that saves time there."""
+    targets = {"energy": energy, "target_params": target_params, "target_macs": target_macs, "target_latency": target_latency}
+    if sum(x is not None for x in targets.values()) > 1:
+        raise BasisPruneError("give one of energy, target_params, target_macs, target_latency")
+    for name, value in targets.items():
         _check_fraction(name, value)
     prepared = prepare(model, input_shapes)
-    plan = data_free_plan(prepared, energy=energy, target_params=target_params, target_macs=target_macs, provider=provider)
-    return apply_plan(prepared, plan, in_place=True)
+    table = None
+    if latency_aware or target_latency is not None:
+        table = use_measured_latency(prepared, provider, ranks.block_size(provider))
+    plan = data_free_plan(prepared, energy=energy, target_params=target_params, target_macs=target_macs,
+                          provider=provider, target_latency=target_latency, table=table)
+    result = apply_plan(prepared, plan, in_place=True)
+    if table is not None:
+        result.extra["predicted_latency_ratio"] = predicted_latency_ratio(prepared, plan, table)
+    return result
 
 
 @dataclass

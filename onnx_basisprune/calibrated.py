@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import ranks
-from .api import PruneResult, apply_plan, budget_plan, plan_cost, prepare, rewritten
+from .api import PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
 from .errors import BasisPruneError
 from .rewrite import META_LAYER, META_ROLE
 from .svd import BasisStats
@@ -113,10 +113,14 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
         scores = layer_scores(importance.by_criterion(criterion), groups)
 
     block = ranks.block_size(args.provider)
+    table = None
+    if args.latency_aware or args.target_latency is not None:
+        table = use_measured_latency(prepared, args.provider, block)
     evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model)
     sweep: list[SweepPoint] = []
-    if args.target_params is not None or args.target_macs is not None:
-        plan = budget_plan(prepared, scores, target_params=args.target_params, target_macs=args.target_macs, block=block)
+    if args.target_params is not None or args.target_macs is not None or args.target_latency is not None:
+        plan = budget_plan(prepared, scores, target_params=args.target_params, target_macs=args.target_macs, block=block,
+                           target_latency=args.target_latency, table=table)
     else:
         max_drop = DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop
         if max_drop < 0:
@@ -134,6 +138,8 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
             floor=floor, progress=report,
         )
     result = apply_plan(prepared, plan, in_place=True)
+    if table is not None:
+        result.extra["predicted_latency_ratio"] = predicted_latency_ratio(prepared, plan, table)
     result.extra.update(
         quality={"metric": evaluator.metric, "original": evaluator.original, "pruned": evaluator.score(result.model), "n": evaluator.n},
         calibration={

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--energy", type=_fraction, help="keep per layer the bases covering this fraction of the squared singular values (data-free; default 0.99 without --calib)")
     target.add_argument("--target-params", type=_fraction, metavar="F", help="keep this fraction of the parameters")
     target.add_argument("--target-macs", type=_fraction, metavar="F", help="keep this fraction of the MACs")
+    target.add_argument("--target-latency", type=_fraction, metavar="F", help="keep this fraction of the latency on --provider, predicted from per-layer timings (implies --latency-aware)")
     target.add_argument("--max-drop", type=float, metavar="P", help="with --calib: strongest pruning whose held-out quality drops at most P points (default 1)")
     target.add_argument("--full-rank", action="store_true", help="only decompose at full rank (same outputs; to check exactness)")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
+    parser.add_argument("--latency-aware", action="store_true", help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.add_argument("--report-md", metavar="R.md", help="write a Markdown report here, with PNG figures beside it (sweep, kept ranks)")
@@ -125,7 +127,8 @@ def run_prune(args: argparse.Namespace) -> int:
     elif args.full_rank:
         result = decompose(model_path, shapes)
     else:
-        result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs, provider=args.provider, input_shapes=shapes)
+        result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs,
+                       target_latency=args.target_latency, latency_aware=args.latency_aware, provider=args.provider, input_shapes=shapes)
     save_model(result.model, output)
     result.extra["output"] = str(output)
     result.extra["seconds"] = round(time.perf_counter() - start, 2)
@@ -135,6 +138,10 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"\nwrote {output}")
     if not args.no_bench:
         result.extra["latency"], result.extra["latency_environment"] = _latency(model_path, output, args.bench_batch, shapes)
+        predicted = result.extra.get("predicted_latency_ratio")
+        measured = {row["batch"]: row["ratio"] for row in result.extra["latency"].get(args.provider, [])}
+        if predicted is not None and 1 in measured:
+            print(f"latency ratio on {args.provider} at batch 1: predicted {predicted:.3f}, measured {measured[1]:.3f}")
     if args.report:
         write_json(result.to_json(), args.report)
         print(f"wrote {args.report}")
@@ -181,6 +188,7 @@ def run_inspect(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Per layer: op, weight shape, full rank, break-even rank, ranks at 90/99/99.9%% energy, params and MACs.")
     parser.add_argument("model")
+    parser.add_argument("--latency-aware", action="store_true", help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
     args = parser.parse_args(argv)
     prepared, rows = inspect(args.model, dict(args.input_shape) or None)

@@ -43,6 +43,8 @@ class Layer:
     skip_reason: str | None = None
     # Basis-output moments on calibration data; when set, kept bases get least-squares scaling.
     stats: svdlib.BasisStats | None = field(default=None, repr=False)
+    # Break-even rank measured on the target provider (--latency-aware); overrides the cost model.
+    measured_break_even: int | None = None
 
     @property
     def full_rank(self) -> int:
@@ -70,7 +72,15 @@ class Layer:
 
     @property
     def break_even_rank(self) -> int:
-        """Largest rank per group at which the split still costs less than the original layer."""
+        """Largest rank per group at which the split still costs less than the original layer:
+        measured on the target provider when known, else from the cost model."""
+        if self.measured_break_even is not None:
+            return self.measured_break_even
+        return self.model_break_even_rank
+
+    @property
+    def model_break_even_rank(self) -> int:
+        """The cost model's break-even rank (MACs + node overhead + intermediate traffic)."""
         per_rank = self.positions * (
             self.groups * self.fan_in + self.out_channels + INTERMEDIATE_MACS_PER_ELEMENT * self.groups
         )
