@@ -73,6 +73,9 @@ class PruneResult:
     extra: dict = field(default_factory=dict)
 
     def to_proto(self) -> onnx.ModelProto:
+        """A self-contained proto: tensors still read lazily from the input's external data file
+        are brought into memory first (their references are relative to the input's folder)."""
+        ir.external_data.load_to_model(self.model)
         return ir.to_proto(self.model)
 
     def save(self, path: str | os.PathLike) -> None:
