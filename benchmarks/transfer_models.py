@@ -17,6 +17,8 @@ Writes to ``--out`` (default ``<repo>/build/benchmarks/models``):
   torchvision recipe (train RandomResizedCrop(224) + flip; eval Resize(256) + CenterCrop(224)),
   last blocks + classifier fine-tuned. Accuracy on the 153 val images with onnxruntime and the
   tool's default loader (which is Resize(256) + CenterCrop(224) for a 224 input).
+* ``<name>.pth``: the fine-tuned PyTorch state_dict of each model (``torchvision.models.mobilenet_v2``
+  with ``classifier[1] = Linear(1280, classes)``), for baselines that prune the PyTorch model.
 * ``transfer_models.json``: recipe, epochs, resolution, training time, accuracies, versions, date,
   CPU; entries of models that are skipped (already built, no ``--force``) are kept.
 
@@ -366,7 +368,9 @@ def build(key: str, shared: Path, out: Path, epochs: int | None) -> dict:
     export(model, recipe.resolution, tmp)
     result = evaluate_onnx(tmp, shared / "data" / recipe.data / recipe.eval_split, recipe, model)
     os.replace(tmp, path)
-    log(f"exported {path}")
+    weights = out / f"{recipe.name}.pth"  # the PyTorch model, for the Torch-Pruning baseline
+    torch.save(model.state_dict(), weights)
+    log(f"exported {path} and {weights.name}")
     log(f"{key}: onnxruntime accuracy {result['accuracy']:.4f} ({result['correct']}/{result['images']} "
         f"{recipe.eval_split} images)")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

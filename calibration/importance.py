@@ -21,7 +21,7 @@ expectation ``|dy|^2`` (so use ``taylor-sq`` there: the first-order form of a sq
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +88,58 @@ def _per_sample_loss(outputs: tuple[torch.Tensor, ...], loss: str, labels: torch
     return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
 
 
+def _taylor_batches(
+    module: OnnxTorchModule,
+    sites: Mapping[str, int],
+    batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
+    *,
+    loss: str,
+    total: int | None,
+    device: str,
+    seed: int,
+    progress: bool,
+    on_forward: Callable[[str, torch.Tensor], None] | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """For each batch: per-sample ``s * dL_n/ds_c`` (float64, (N, channels)) of a gate ``s = 1``
+    on every channel of every site tensor (name -> channel axis), and the batch size.
+    ``on_forward(name, tensor)`` sees each site tensor as it is computed."""
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    per_sample: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str, axis: int):
+        def hook(x: torch.Tensor) -> torch.Tensor:
+            if on_forward is not None:
+                on_forward(name, x)
+            channel = axis % x.dim()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                dims = [d for d in range(x.dim()) if d not in (0, channel)]
+                g = (x.detach() * grad).sum(dim=dims) if dims else x.detach() * grad
+                per_sample[name] = g.reshape(x.shape[0], -1).double()  # (N, channels)
+
+            x.register_hook(on_grad)
+            return x
+
+        return hook
+
+    hooks = {name: make_hook(name, axis) for name, axis in sites.items()}
+    generator = torch.Generator().manual_seed(seed)
+    projections: list[torch.Tensor] = []
+    for inputs, labels in tqdm(batches, total=total, desc="importance", unit="batch", disable=not progress):
+        # Float inputs require grad so every intermediate tensor does, and gradients flow
+        # through all gates while the weights stay frozen.
+        feeds = {k: _leaf(v, device) for k, v in inputs.items()}
+        outputs = module(**feeds, hooks=hooks)
+        if loss == "projection" and not projections:
+            projections = [torch.randn(_per_sample_rows(o).shape[1], generator=generator).to(device, o.dtype) for o in outputs]
+        y = None if labels is None else torch.from_numpy(labels).to(device)
+        per_sample.clear()
+        _per_sample_loss(outputs, loss, y, projections).backward()
+        yield dict(per_sample), next(iter(inputs.values())).shape[0]
+
+
 def measure_importance(
     module: OnnxTorchModule,
     gates: Mapping[str, Gate],
@@ -99,62 +151,36 @@ def measure_importance(
     seed: int = 0,
     progress: bool = True,
 ) -> ImportanceResult:
-    """Accumulate per-channel Taylor statistics of every gate over ``batches``."""
+    """Accumulate per-channel Taylor statistics of every gate over ``batches``, and the moments
+    of the gated (basis output) tensors."""
     device = device or default_device()
     torch.manual_seed(seed)
     start = time.perf_counter()
-    module = module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
+    layer_of = {gate.tensor: name for name, gate in gates.items()}
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
-    per_sample: dict[str, torch.Tensor] = {}
-
     outer: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
     positions: dict[str, int] = {}
 
-    def accumulate_moments(name: str, gate: Gate, x: torch.Tensor) -> None:
+    def accumulate_moments(tensor: str, x: torch.Tensor) -> None:
+        name = layer_of[tensor]
+        gate = gates[name]
         b = x.detach().movedim(gate.axis % x.dim(), -1).reshape(-1, x.shape[gate.axis])  # (samples*positions, C)
         b = b.reshape(len(b), gate.groups, -1).transpose(0, 1).double()  # (g, M, r)
         outer[name] = outer.get(name, 0) + b.transpose(1, 2) @ b
         first[name] = first.get(name, 0) + b.sum(dim=1)
         positions[name] = positions.get(name, 0) + b.shape[1]
 
-    def make_hook(name: str, gate: Gate):
-        def hook(x: torch.Tensor) -> torch.Tensor:
-            accumulate_moments(name, gate, x)
-            def on_grad(grad: torch.Tensor) -> None:
-                dims = [d for d in range(x.dim()) if d not in (0, gate.axis % x.dim())]
-                g = (x.detach() * grad).sum(dim=dims) if dims else x.detach() * grad
-                per_sample[name] = g.reshape(x.shape[0], -1).double()  # (N, channels)
-
-            x.register_hook(on_grad)
-            return x
-
-        return hook
-
-    hooks = {gate.tensor: make_hook(name, gate) for name, gate in gates.items()}
-    generator = torch.Generator().manual_seed(seed)
-    projections: list[torch.Tensor] = []
     samples = 0
-    for inputs, labels in tqdm(batches, total=total, desc="importance", unit="batch", disable=not progress):
-        # Float inputs require grad so every intermediate tensor does, and gradients flow
-        # through all gates while the weights stay frozen.
-        feeds = {k: _leaf(v, device) for k, v in inputs.items()}
-        outputs = module(**feeds, hooks=hooks)
-        if loss == "projection" and not projections:
-            projections = [torch.randn(_per_sample_rows(o).shape[1], generator=generator).to(device, o.dtype) for o in outputs]
-        y = None if labels is None else torch.from_numpy(labels).to(device)
-        per_sample.clear()
-        _per_sample_loss(outputs, loss, y, projections).backward()
-        for name in gates:
-            g = per_sample.get(name)
-            if g is None:  # the basis does not reach the loss
-                continue
+    sites = {gate.tensor: gate.axis for gate in gates.values()}
+    for per_sample, n in _taylor_batches(module, sites, batches, loss=loss, total=total, device=device, seed=seed,
+                                         progress=progress, on_forward=accumulate_moments):
+        for tensor, g in per_sample.items():  # a basis that does not reach the loss has no gradient
+            name = layer_of[tensor]
             sums[name] = sums.get(name, 0) + g.sum(dim=0)
             squares[name] = squares.get(name, 0) + (g**2).sum(dim=0)
-        samples += next(iter(inputs.values())).shape[0]
+        samples += n
     if samples == 0:
         raise ValueError("no calibration samples to measure importance on")
     taylor = {n: (s.abs() / samples).cpu().numpy() for n, s in sums.items()}
@@ -162,6 +188,69 @@ def measure_importance(
     second = {n: (o / positions[n]).cpu().numpy() for n, o in outer.items()}
     mean = {n: (f / positions[n]).cpu().numpy() for n, f in first.items()}
     return ImportanceResult(taylor, taylor_sq, second, mean, loss, samples, time.perf_counter() - start, device)
+
+
+@dataclass(frozen=True)
+class ChannelSite:
+    """A tensor whose channels carry a gate: ``groups[c]`` is the channel group of channel ``c``
+    (-1: not gated). A group's gate multiplies all its channels at all its sites."""
+
+    tensor: str
+    axis: int
+    groups: np.ndarray
+
+
+@dataclass
+class ChannelImportance:
+    """Taylor importance of zeroing each channel group (one gate shared by all its channels)."""
+
+    taylor: np.ndarray  # (groups,) |mean_n dL_n/ds|
+    taylor_sq: np.ndarray  # (groups,) mean_n (dL_n/ds)^2
+    loss: str
+    samples: int
+    seconds: float
+    device: str
+
+    def by_criterion(self, criterion: str) -> np.ndarray:
+        return self.taylor if criterion == "taylor" else self.taylor_sq
+
+
+def measure_channel_importance(
+    module: OnnxTorchModule,
+    sites: Sequence[ChannelSite],
+    n_groups: int,
+    batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
+    *,
+    loss: str,
+    total: int | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ChannelImportance:
+    """Per-sample derivative of the loss by each group's gate, summed over the group's channels
+    at every site (the chain rule for one gate used in many places), then both criteria."""
+    device = device or default_device()
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    index = {site.tensor: torch.from_numpy(np.asarray(site.groups, dtype=np.int64)) for site in sites}
+    sums = torch.zeros(n_groups, dtype=torch.float64)
+    squares = torch.zeros(n_groups, dtype=torch.float64)
+    samples = 0
+    axes = {site.tensor: site.axis for site in sites}
+    for per_sample, n in _taylor_batches(module, axes, batches, loss=loss, total=total, device=device, seed=seed, progress=progress):
+        contribution = torch.zeros(n, n_groups + 1, dtype=torch.float64)  # last column: ungated channels
+        for tensor, g in per_sample.items():
+            groups = index[tensor].clone()
+            groups[groups < 0] = n_groups
+            contribution.index_add_(1, groups, g.cpu())
+        contribution = contribution[:, :n_groups]
+        sums += contribution.sum(dim=0)
+        squares += (contribution**2).sum(dim=0)
+        samples += n
+    if samples == 0:
+        raise ValueError("no calibration samples to measure importance on")
+    return ChannelImportance((sums.abs() / samples).numpy(), (squares / samples).numpy(), loss, samples,
+                             time.perf_counter() - start, device)
 
 
 def _leaf(array: np.ndarray, device: str) -> torch.Tensor:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from . import ranks
-from .api import PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
+from .api import Prepared, PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
 from .errors import BasisPruneError
 from .rewrite import META_LAYER, META_ROLE
 from .svd import BasisStats
@@ -137,6 +137,8 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
             cost=lambda p: plan_cost(prepared, p),
             floor=floor, progress=report,
         )
+    if sweep and not args.no_bench:
+        sweep = time_sweep(prepared, sweep, lambda p: ranks.threshold_plan(prepared.layers, scores, p.threshold, block))
     result = apply_plan(prepared, plan, in_place=True)
     if table is not None:
         result.extra["predicted_latency_ratio"] = predicted_latency_ratio(prepared, plan, table)
@@ -155,6 +157,23 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
         sweep=[dataclasses.asdict(p) for p in sorted(sweep, key=lambda p: p.threshold)],
     )
     return result
+
+
+SWEEP_TIMING_LIMIT_BYTES = 256 << 20  # above this, timing every candidate needs too much memory
+
+
+def time_sweep(prepared: Prepared, sweep: Sequence[SweepPoint], plan_of: Callable[[SweepPoint], Mapping]) -> list[SweepPoint]:
+    """Each evaluated candidate's onnxruntime CPU latency at batch 1, as a ratio to the original
+    model, timed alternately with it in one run (the candidates are rebuilt from their plans)."""
+    from .bench import BenchConfig, benchmark
+    from .modelio import tensor_bytes
+
+    if tensor_bytes(prepared.model) * (len(sweep) + 1) > SWEEP_TIMING_LIMIT_BYTES:
+        return list(sweep)
+    models = [ir.to_proto(prepared.model)] + [ir.to_proto(rewritten(prepared, plan_of(p))) for p in sweep]
+    config = BenchConfig(providers=("cpu",), batches=(1,), warmup=5, rounds=20, input_shapes=prepared.input_shapes)
+    case = benchmark(models, config)
+    return [dataclasses.replace(p, latency_ratio=t.ratio) for p, t in zip(sweep, case.cases[0].timings[1:])]
 
 
 def _importance_summary(scores: Mapping[str, ranks.LayerScores], plan) -> dict[str, dict]:

@@ -22,6 +22,7 @@ class SweepPoint:
     macs: int
     quality: float
     passed: bool
+    latency_ratio: float | None = None  # CPU batch 1, to the original; set after the search when benchmarking
 
 
 def session(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:

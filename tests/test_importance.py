@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_basisprune import svd as svdlib
-from onnx_basisprune.calibration.importance import Gate, choose_loss, measure_importance
+from onnx_basisprune.calibration.importance import ChannelSite, Gate, choose_loss, measure_channel_importance, measure_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 
 
@@ -137,3 +137,49 @@ def test_moments_for_grouped_gates(groups):
     feats = _conv_output(model, x).transpose(0, 2, 3, 1).reshape(-1, groups, 4 // groups).astype(np.float64)
     for g in range(groups):
         np.testing.assert_allclose(result.second["c"][g], feats[:, g].T @ feats[:, g] / len(feats), rtol=1e-4, atol=1e-6)
+
+
+def _residual_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Two Convs added (a residual merge), Relu, pooled into a Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "wb"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("wa", (6, 3, 3, 3)), ("wb", (6, 3, 1, 1)), ("fc", (4, 6)))]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_channel_importance_is_the_derivative_of_one_gate_shared_by_its_sites():
+    rng = np.random.default_rng(5)
+    model = _residual_model(rng)
+    x = rng.standard_normal((7, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 7).astype(np.int64)
+    # groups: channel c of both Conv outputs is group c, except channel 5 (not gated); group 4
+    # lives in 'a' only at channel 4 and in 'b' at channel 3 swapped with group 3, to test the mapping
+    groups_a = np.array([0, 1, 2, 3, 4, -1])
+    groups_b = np.array([0, 1, 2, 4, 3, -1])
+    module = OnnxTorchModule(model)
+    grads = []
+    for n in range(len(x)):
+        s = torch.ones(6, dtype=torch.float64, requires_grad=True)
+        gate_a = torch.cat([s[:5], torch.ones(1, dtype=torch.float64)])
+        gate_b = torch.cat([s[torch.tensor([0, 1, 2, 4, 3])], torch.ones(1, dtype=torch.float64)])
+        hooks = {"a": lambda t: t * gate_a.float().view(1, -1, 1, 1), "b": lambda t: t * gate_b.float().view(1, -1, 1, 1)}
+        out = module(x=torch.from_numpy(x[n : n + 1]), hooks=hooks)[0]
+        torch.nn.functional.cross_entropy(out, torch.from_numpy(labels[n : n + 1])).backward()
+        grads.append(s.grad.numpy()[:5].copy())
+    g = np.stack(grads)
+    sites = [ChannelSite("a", 1, groups_a), ChannelSite("b", 1, groups_b)]
+    batches = [({"x": x[:3]}, labels[:3]), ({"x": x[3:]}, labels[3:])]
+    result = measure_channel_importance(OnnxTorchModule(model), sites, 5, batches, loss="labels", device="cpu", progress=False)
+    assert result.samples == 7
+    np.testing.assert_allclose(result.taylor, np.abs(g.mean(axis=0)), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.taylor_sq, (g**2).mean(axis=0), rtol=1e-4, atol=1e-9)
