@@ -43,7 +43,7 @@ def shared_model(shared_dir: Path, name: str) -> Path:
 
 def tensor(name: str, array: np.ndarray) -> TensorProto:
     """An initializer from a numpy array (bfloat16 given as float32 values, see ``bf16_tensor``)."""
-    return numpy_helper.from_array(np.ascontiguousarray(array), name=name)
+    return numpy_helper.from_array(np.array(array, order="C"), name=name)
 
 
 def bf16_tensor(name: str, array: np.ndarray) -> TensorProto:
