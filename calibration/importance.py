@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
+
+from onnx_basisprune.channel_refit import ConsumerInput
 
 from .interpreter import OnnxTorchModule
 
@@ -99,19 +102,23 @@ def _taylor_batches(
     seed: int,
     progress: bool,
     on_forward: Callable[[str, torch.Tensor], None] | None = None,
+    observe: Iterable[str] = (),
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """For each batch: per-sample ``s * dL_n/ds_c`` (float64, (N, channels)) of a gate ``s = 1``
     on every channel of every site tensor (name -> channel axis), and the batch size.
-    ``on_forward(name, tensor)`` sees each site tensor as it is computed."""
+    ``on_forward(name, tensor)`` sees each site tensor, and each ``observe`` tensor, as it is
+    computed."""
     module = module.to(device).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     per_sample: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str, axis: int):
+    def make_hook(name: str, axis: int | None):
         def hook(x: torch.Tensor) -> torch.Tensor:
             if on_forward is not None:
                 on_forward(name, x)
+            if axis is None:
+                return x
             channel = axis % x.dim()
 
             def on_grad(grad: torch.Tensor) -> None:
@@ -124,7 +131,7 @@ def _taylor_batches(
 
         return hook
 
-    hooks = {name: make_hook(name, axis) for name, axis in sites.items()}
+    hooks = {name: make_hook(name, None) for name in observe} | {name: make_hook(name, axis) for name, axis in sites.items()}
     generator = torch.Generator().manual_seed(seed)
     projections: list[torch.Tensor] = []
     for inputs, labels in tqdm(batches, total=total, desc="importance", unit="batch", disable=not progress):
@@ -202,10 +209,12 @@ class ChannelSite:
 
 @dataclass
 class ChannelImportance:
-    """Taylor importance of zeroing each channel group (one gate shared by all its channels)."""
+    """Taylor importance of zeroing each channel group (one gate shared by all its channels),
+    and the input moments of the layers that will be refitted after a removal."""
 
     taylor: np.ndarray  # (groups,) |mean_n dL_n/ds|
     taylor_sq: np.ndarray  # (groups,) mean_n (dL_n/ds)^2
+    moments: dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (E[x x^T] (D, D), E[x] (D,))
     loss: str
     samples: int
     seconds: float
@@ -226,9 +235,15 @@ def measure_channel_importance(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    consumers: Sequence[ConsumerInput] = (),
+    max_rows: int = 4096,
 ) -> ChannelImportance:
     """Per-sample derivative of the loss by each group's gate, summed over the group's channels
-    at every site (the chain rule for one gate used in many places), then both criteria."""
+    at every site (the chain rule for one gate used in many places), then both criteria.
+
+    In the same pass, the input moments of every layer in ``consumers``: im2col rows for a Conv,
+    feature vectors for Gemm/MatMul; at most ``max_rows`` rows per batch and layer, drawn at
+    random (seeded), which is plenty for moments and bounds the cost on large feature maps."""
     device = device or default_device()
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -237,7 +252,17 @@ def measure_channel_importance(
     squares = torch.zeros(n_groups, dtype=torch.float64)
     samples = 0
     axes = {site.tensor: site.axis for site in sites}
-    for per_sample, n in _taylor_batches(module, axes, batches, loss=loss, total=total, device=device, seed=seed, progress=progress):
+    readers: dict[str, list[ConsumerInput]] = {}
+    for spec in consumers:
+        readers.setdefault(spec.tensor, []).append(spec)
+    moments = _Moments(max_rows, seed)
+
+    def on_forward(tensor: str, x: torch.Tensor) -> None:
+        for spec in readers.get(tensor, ()):
+            moments.add(spec.node, _input_rows(spec, x.detach()))
+
+    for per_sample, n in _taylor_batches(module, axes, batches, loss=loss, total=total, device=device, seed=seed,
+                                         progress=progress, on_forward=on_forward, observe=readers):
         contribution = torch.zeros(n, n_groups + 1, dtype=torch.float64)  # last column: ungated channels
         for tensor, g in per_sample.items():
             groups = index[tensor].clone()
@@ -249,8 +274,41 @@ def measure_channel_importance(
         samples += n
     if samples == 0:
         raise ValueError("no calibration samples to measure importance on")
-    return ChannelImportance((sums.abs() / samples).numpy(), (squares / samples).numpy(), loss, samples,
-                             time.perf_counter() - start, device)
+    return ChannelImportance((sums.abs() / samples).numpy(), (squares / samples).numpy(), moments.result(), loss,
+                             samples, time.perf_counter() - start, device)
+
+
+def _input_rows(spec: ConsumerInput, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of its weight's columns: im2col patches (channel-major, as the
+    weight is laid out) for a 2-D Conv, else the feature vectors of the last axis."""
+    if spec.kernel is None:
+        return x.reshape(-1, x.shape[-1])
+    top, left, bottom, right = spec.pads
+    padded = F.pad(x, (left, right, top, bottom))
+    cols = F.unfold(padded, spec.kernel, dilation=spec.dilations, stride=spec.strides)  # (N, D, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class _Moments:
+    """Running E[x x^T] and E[x] per layer over randomly subsampled rows, in float64."""
+
+    def __init__(self, max_rows: int, seed: int):
+        self.max_rows = max_rows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sums: dict[str, list] = {}
+
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        if len(rows) > self.max_rows:
+            pick = torch.randperm(len(rows), generator=self.generator)[: self.max_rows].to(rows.device)
+            rows = rows[pick]
+        rows = rows.double()
+        entry = self.sums.setdefault(name, [0, 0, 0])
+        entry[0] = entry[0] + rows.T @ rows
+        entry[1] = entry[1] + rows.sum(dim=0)
+        entry[2] += len(rows)
+
+    def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {name: ((s / n).cpu().numpy(), (m / n).cpu().numpy()) for name, (s, m, n) in self.sums.items()}
 
 
 def _leaf(array: np.ndarray, device: str) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from . import ranks
 from .api import Prepared, PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
+from .cost import ModelCost
 from .errors import BasisPruneError
 from .rewrite import META_LAYER, META_ROLE
 from .svd import BasisStats
@@ -84,26 +85,94 @@ def _load_data(args: argparse.Namespace, proto, num_classes: int | None):
     return calib, heldout
 
 
-def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mapping[str, Sequence[int]] | None) -> PruneResult:
-    from .calibration.importance import Gate, choose_loss, measure_importance
+@dataclass(frozen=True)
+class Target:
+    """What the pruning aims at: ``max-drop`` (points of held-out quality), or the fraction of the
+    original model's ``params``, ``macs`` or ``latency`` that remains."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Target:
+        for kind, value in (("params", args.target_params), ("macs", args.target_macs), ("latency", args.target_latency)):
+            if value is not None:
+                return cls(kind, value)
+        max_drop = DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop
+        if max_drop < 0:
+            raise BasisPruneError(f"--max-drop must be >= 0, got {max_drop}")
+        return cls("max-drop", max_drop)
+
+
+@dataclass
+class CalibrationData:
+    """What every pruning stage measures with: the importance samples, the held-out evaluator
+    (whose reference is the user's original model, whatever stage runs) and the loss."""
+
+    calib: object  # calibration.data.CalibrationSet
+    evaluator: Evaluator
+    loss: str
+    args: argparse.Namespace
+
+    def batches(self):
+        return self.calib.batches(self.args.batch_size)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.calib) // self.args.batch_size)
+
+
+def load_calibration_data(prepared: Prepared, args: argparse.Namespace) -> CalibrationData:
+    """Load ``--calib`` (and ``--eval``) for the model and set up the held-out evaluator."""
+    from .calibration.importance import choose_loss
+
+    out_shape = prepared.shapes.get(prepared.model.graph.outputs[0])
+    num_classes = out_shape[1] if out_shape is not None and len(out_shape) == 2 else None
+    calib, heldout = _load_data(args, ir.to_proto(prepared.model), num_classes)
+    evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model)
+    return CalibrationData(calib, evaluator, choose_loss(out_shape or (), calib.labels is not None), args)
+
+
+def torch_module(model: ir.Model, data: CalibrationData):
+    """The model as a Torch module, checked against onnxruntime on the first calibration batch
+    (unsupported ops are refused before any work)."""
     from .calibration.interpreter import OnnxTorchModule, check_against_onnxruntime
 
-    prepared = prepare(model_path, input_shapes)
-    decomposed = rewritten(prepared, ranks.full_rank_plan(prepared.layers))
-    proto = ir.to_proto(decomposed)
-    module = OnnxTorchModule(proto)  # refuses unsupported ops before any work
-    output = prepared.model.graph.outputs[0]
-    out_shape = prepared.shapes.get(output)
-    num_classes = out_shape[1] if out_shape is not None and len(out_shape) == 2 else None
-    calib, heldout = _load_data(args, proto, num_classes)
-    first_inputs, _ = next(calib.batches(min(args.batch_size, len(calib))))
+    proto = ir.to_proto(model)
+    module = OnnxTorchModule(proto)
+    first_inputs, _ = next(data.calib.batches(min(data.args.batch_size, len(data.calib))))
     check_against_onnxruntime(module, proto, first_inputs)
+    return module
 
-    loss = choose_loss(out_shape or (), calib.labels is not None)
+
+def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mapping[str, Sequence[int]] | None) -> PruneResult:
+    prepared = prepare(model_path, input_shapes)
+    target = Target.from_args(args)
+    data = load_calibration_data(prepared, args)
+    if args.double:
+        from .double import double_prune
+
+        return double_prune(prepared, data, target)
+    return basis_stage(prepared, data, target, prepared.original)
+
+
+def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, reference: ModelCost,
+                latency_scale: float = 1.0, verbose: bool = True, time_candidates: bool = True) -> PruneResult:
+    """Basis pruning of ``prepared`` to ``target``: importance of every basis, then the plan.
+
+    ``reference`` is the cost of the user's original model (the targets are fractions of it),
+    ``latency_scale`` the latency of ``prepared`` relative to the original (double pruning);
+    ``time_candidates`` times every model the quality search evaluated (unless ``--no-bench``).
+    """
+    from .calibration.importance import Gate, measure_importance
+
+    args = data.args
+    decomposed = rewritten(prepared, ranks.full_rank_plan(prepared.layers))
+    module = torch_module(decomposed, data)
     criterion = args.criterion or DEFAULT_CRITERION
     gates = {name: Gate(tensor, axis, prepared.layers[name].groups) for name, (tensor, axis) in basis_gates(decomposed).items()}
-    n_batches = -(-len(calib) // args.batch_size)
-    importance = measure_importance(module, gates, calib.batches(args.batch_size), loss=loss, total=n_batches, device=args.device, seed=args.seed)
+    importance = measure_importance(module, gates, data.batches(), loss=data.loss, total=data.n_batches, device=args.device,
+                                    seed=args.seed, progress=verbose)
     for name in importance.second:
         prepared.layers[name].stats = BasisStats(importance.second[name], importance.mean[name])
     if criterion == "energy":
@@ -114,34 +183,46 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
 
     block = ranks.block_size(args.provider)
     table = None
-    if args.latency_aware or args.target_latency is not None:
+    if args.latency_aware or target.kind == "latency":
         table = use_measured_latency(prepared, args.provider, block)
-    evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model)
+    evaluator = data.evaluator
     sweep: list[SweepPoint] = []
-    if args.target_params is not None or args.target_macs is not None or args.target_latency is not None:
-        plan = budget_plan(prepared, scores, target_params=args.target_params, target_macs=args.target_macs, block=block,
-                           target_latency=args.target_latency, table=table)
-    else:
-        max_drop = DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop
-        if max_drop < 0:
-            raise BasisPruneError(f"--max-drop must be >= 0, got {max_drop}")
-        floor = evaluator.original - max_drop / 100.0
+    if target.kind == "max-drop":
+        floor = evaluator.original - target.value / 100.0
 
         def report(p: SweepPoint) -> None:
-            print(f"  threshold {p.threshold:.3g}: params {p.params / prepared.original.params:.3f}, MACs {p.macs / prepared.original.macs:.3f}, {evaluator.metric} {p.quality:.4f} {'ok' if p.passed else 'too low'}")
+            print(f"  threshold {p.threshold:.3g}: params {p.params / reference.params:.3f}, MACs {p.macs / reference.macs:.3f}, "
+                  f"{evaluator.metric} {p.quality:.4f} {'ok' if p.passed else 'too low'}")
 
-        print(f"searching the strongest pruning with {evaluator.metric} >= {floor:.4f} (original {evaluator.original:.4f} - {max_drop:g} pt)")
+        if verbose:
+            print(f"searching the strongest basis pruning with {evaluator.metric} >= {floor:.4f} "
+                  f"(original {evaluator.original:.4f} - {target.value:g} pt)")
         plan, sweep = max_drop_plan(
             prepared.layers, scores, block,
             quality=lambda p: evaluator.score(rewritten(prepared, p)),
             cost=lambda p: plan_cost(prepared, p),
-            floor=floor, progress=report,
+            floor=floor, progress=report if verbose else None,
         )
-    if sweep and not args.no_bench:
-        sweep = time_sweep(prepared, sweep, lambda p: ranks.threshold_plan(prepared.layers, scores, p.threshold, block))
+    else:
+        value = target.value
+        if target.kind == "params":
+            value *= reference.params / prepared.original.params
+        elif target.kind == "macs":
+            value *= reference.macs / prepared.original.macs
+        else:
+            value /= latency_scale
+        plan = budget_plan(prepared, scores, block=block, table=table,
+                           target_params=value if target.kind == "params" else None,
+                           target_macs=value if target.kind == "macs" else None,
+                           target_latency=value if target.kind == "latency" else None)
+    if sweep and time_candidates and not args.no_bench:
+        sweep = time_sweep(evaluator.reference, sweep,
+                           lambda p: rewritten(prepared, ranks.threshold_plan(prepared.layers, scores, p.threshold, block)),
+                           prepared.input_shapes)
     result = apply_plan(prepared, plan, in_place=True)
+    result.original = reference
     if table is not None:
-        result.extra["predicted_latency_ratio"] = predicted_latency_ratio(prepared, plan, table)
+        result.extra["predicted_latency_ratio"] = latency_scale * predicted_latency_ratio(prepared, plan, table)
     result.extra.update(
         quality={"metric": evaluator.metric, "original": evaluator.original, "pruned": evaluator.score(result.model), "n": evaluator.n},
         calibration={
@@ -151,7 +232,7 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
             "device": importance.device,
             "loss": importance.loss,
             "criterion": criterion,
-            "source": calib.source,
+            "source": data.calib.source,
         },
         importance=_importance_summary(scores, plan),
         sweep=[dataclasses.asdict(p) for p in sorted(sweep, key=lambda p: p.threshold)],
@@ -162,16 +243,17 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
 SWEEP_TIMING_LIMIT_BYTES = 256 << 20  # above this, timing every candidate needs too much memory
 
 
-def time_sweep(prepared: Prepared, sweep: Sequence[SweepPoint], plan_of: Callable[[SweepPoint], Mapping]) -> list[SweepPoint]:
-    """Each evaluated candidate's onnxruntime CPU latency at batch 1, as a ratio to the original
-    model, timed alternately with it in one run (the candidates are rebuilt from their plans)."""
+def time_sweep(reference: ir.Model, sweep: Sequence[SweepPoint], build: Callable[[SweepPoint], ir.Model],
+               input_shapes: Mapping[str, Sequence[int]] | None) -> list[SweepPoint]:
+    """Each evaluated candidate's onnxruntime CPU latency at batch 1, as a ratio to the user's
+    original model, all timed alternately in one run (the candidates are rebuilt by ``build``)."""
     from .bench import BenchConfig, benchmark
     from .modelio import tensor_bytes
 
-    if tensor_bytes(prepared.model) * (len(sweep) + 1) > SWEEP_TIMING_LIMIT_BYTES:
+    if tensor_bytes(reference) * (len(sweep) + 1) > SWEEP_TIMING_LIMIT_BYTES:
         return list(sweep)
-    models = [ir.to_proto(prepared.model)] + [ir.to_proto(rewritten(prepared, plan_of(p))) for p in sweep]
-    config = BenchConfig(providers=("cpu",), batches=(1,), warmup=5, rounds=20, input_shapes=prepared.input_shapes)
+    models = [ir.to_proto(reference)] + [ir.to_proto(build(p)) for p in sweep]
+    config = BenchConfig(providers=("cpu",), batches=(1,), warmup=5, rounds=20, input_shapes=input_shapes)
     case = benchmark(models, config)
     return [dataclasses.replace(p, latency_ratio=t.ratio) for p, t in zip(sweep, case.cases[0].timings[1:])]
 

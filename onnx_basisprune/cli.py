@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
     calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
     calib.add_argument("--criterion", choices=("taylor", "taylor-sq", "energy"), default=None, help="basis importance: first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's), per-example squared Taylor (Molchanov 2019), or output energy s_i^2 E[b_i^2] on the calibration data; default: see README")
+    calib.add_argument("--double", action="store_true", help="double pruning: remove whole channels first (Taylor importance of coupled channel groups), then bases, under the same target")
+    calib.add_argument("--channel-criterion", choices=("taylor", "taylor-sq"), default=None, help="with --double: channel importance, first-order (Molchanov 2016) or per-example squared (2019) Taylor; default taylor-sq (see README)")
     calib.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     calib.add_argument("--device", choices=("cpu", "cuda"), help="Torch device for importance (default: cuda when available)")
     calib.add_argument("--seed", type=int, default=0)
@@ -106,7 +108,7 @@ def check_output(model: Path, output: Path) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from .api import decompose, prune
     from .modelio import save_model
-    from .report import file_size, layer_table, summary_table, write_json
+    from .report import channel_table, file_size, layer_table, summary_table, write_json
 
     model_path = Path(args.model)
     output = Path(args.output) if args.output else default_output(model_path)
@@ -122,8 +124,8 @@ def run_prune(args: argparse.Namespace) -> int:
         from .calibrated import run_main_job
 
         result = run_main_job(model_path, args, shapes)
-    elif args.eval or args.max_drop is not None:
-        raise BasisPruneError("--max-drop and --eval need calibration data (--calib)")
+    elif args.eval or args.max_drop is not None or args.double:
+        raise BasisPruneError("--max-drop, --eval and --double need calibration data (--calib)")
     elif args.full_rank:
         result = decompose(model_path, shapes)
     else:
@@ -132,6 +134,9 @@ def run_prune(args: argparse.Namespace) -> int:
     save_model(result.model, output)
     result.extra["output"] = str(output)
     result.extra["seconds"] = round(time.perf_counter() - start, 2)
+    if "channels" in result.extra:
+        print(channel_table(result.extra["channels"]))
+        print()
     print(layer_table(result.layers))
     print()
     print(summary_table(result, file_size(model_path), file_size(output)))

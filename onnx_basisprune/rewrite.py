@@ -51,7 +51,7 @@ def _unique_value_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     name = _unique_value_name(graph, name)
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -100,7 +100,7 @@ def scaling_and_bias_change(layer: Layer, node: ir.Node, keep: np.ndarray) -> tu
     return scaling, delta.reshape(-1) if with_bias else None
 
 
-def _set_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype: np.dtype) -> None:
+def add_to_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype: np.dtype) -> None:
     """Add ``delta`` to the node's bias input (creating it when absent)."""
     old = _bias_value(node)
     if node.op_type == "Gemm":
@@ -109,7 +109,7 @@ def _set_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype: np.dtype
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     else:
         bias = delta if old is None else old.astype(np.float64) + delta
-    value = _initializer(graph, f"{node.name}.bias", np.asarray(bias).astype(dtype))
+    value = new_initializer(graph, f"{node.name}.bias", np.asarray(bias).astype(dtype))
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, value)
@@ -137,8 +137,8 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
     scaling_m, bias_change = scaling_and_bias_change(layer, node, keep)
     basis_w, scaling_w = _pair_weights(layer, keep, scaling_m, dtype)
     name = node.name
-    basis_w_value = _initializer(graph, f"{name}.basis.weight", basis_w)
-    scaling_w_value = _initializer(graph, f"{name}.scaling.weight", scaling_w)
+    basis_w_value = new_initializer(graph, f"{name}.basis.weight", basis_w)
+    scaling_w_value = new_initializer(graph, f"{name}.scaling.weight", scaling_w)
     x = node.inputs[0]
     if layer.op == "Conv":
         spatial = len(layer.weight_shape) - 2
@@ -162,7 +162,7 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
         name=f"{name}.scaling", metadata_props=_metadata(layer, "scaling", rank),
     )
     if bias_change is not None:
-        _set_bias(graph, scaling, bias_change, dtype)
+        add_to_bias(graph, scaling, bias_change, dtype)
     ir.convenience.replace_nodes_and_values(
         graph, node, [node], [basis, scaling], list(node.outputs), list(scaling.outputs)
     )
@@ -180,10 +180,10 @@ def recompose_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarra
     else:
         weight = w[0] if node.attributes.get_int("transB", 0) else w[0].T
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)  # alpha is folded into w
-    new_value = _initializer(graph, f"{node.name}.weight_rank{keep.shape[1]}", weight.astype(dtype))
+    new_value = new_initializer(graph, f"{node.name}.weight_rank{keep.shape[1]}", weight.astype(dtype))
     node.replace_input_with(1, new_value)
     if bias_change is not None:
-        _set_bias(graph, node, bias_change, dtype)
+        add_to_bias(graph, node, bias_change, dtype)
 
 
 class ApplyDecisionsPass(ir.passes.InPlacePass):

@@ -3,8 +3,9 @@ a quality budget (``--max-drop``): bisection over the global importance threshol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +14,8 @@ import onnxruntime as ort
 from . import ranks
 from .errors import BasisPruneError
 from .rewrite import Decision
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Evaluator:
 
     def __init__(self, batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], object]]], labels: np.ndarray | None, original: ir.Model):
         self.batches = batches
+        self.reference = original  # the user's model: every stage is measured against it
         reference = self.predictions(original)
         self.n = len(reference)
         if self.n == 0:
@@ -76,28 +80,28 @@ def plan_signature(plan: Mapping[str, Decision]) -> tuple:
     )
 
 
-def max_drop_plan(
-    layers: Mapping[str, object],
-    scores: Mapping[str, ranks.LayerScores],
-    block: int,
-    quality: Callable[[dict[str, Decision]], float],
-    cost: Callable[[dict[str, Decision]], tuple[int, int]],
+def max_drop_search(
+    thresholds: np.ndarray,
+    candidate: Callable[[float], P],
+    signature: Callable[[P], Hashable],
+    quality: Callable[[P], float],
+    cost: Callable[[P], tuple[int, int]],
     floor: float,
     progress: Callable[[SweepPoint], None] | None = None,
-) -> tuple[dict[str, Decision], list[SweepPoint]]:
-    """The highest global threshold (most pruning) whose held-out quality stays >= ``floor``.
+) -> tuple[float | None, list[SweepPoint]]:
+    """The highest of ``thresholds`` (ascending) whose candidate keeps held-out quality >= ``floor``.
 
-    Quality falls, roughly monotonically, as the threshold rises; bisection over the distinct
-    thresholds finds the boundary in log2(#bases) evaluations. Every evaluated point is returned
-    (the sweep for the report and figures); the chosen plan always passed its evaluation.
+    Quality falls, roughly monotonically, as the threshold rises; bisection finds the boundary
+    in log2(len(thresholds)) evaluations, each distinct candidate (by ``signature``) evaluated
+    once. Returns the threshold (None when even the lowest fails) and every evaluated point
+    (the sweep for the report and figures); the returned threshold always passed.
     """
-    thresholds = ranks.candidate_thresholds(scores)
     sweep: list[SweepPoint] = []
-    evaluated: dict[tuple, bool] = {}  # neighbouring thresholds often give the same model
+    evaluated: dict[Hashable, bool] = {}  # neighbouring thresholds often give the same model
 
     def passes(i: int) -> bool:
-        plan = ranks.threshold_plan(layers, scores, thresholds[i], block)
-        key = plan_signature(plan)
+        plan = candidate(float(thresholds[i]))
+        key = signature(plan)
         if key not in evaluated:
             q = quality(plan)
             params, macs = cost(plan)
@@ -108,9 +112,9 @@ def max_drop_plan(
             evaluated[key] = point.passed
         return evaluated[key]
 
-    lo, hi = 0, len(thresholds) - 1  # invariant: lo passes (threshold 0 keeps nearly everything)
+    lo, hi = 0, len(thresholds) - 1  # invariant: lo passes
     if not passes(lo):
-        return ranks.threshold_plan(layers, {}, 0.0, block), sweep
+        return None, sweep
     if passes(hi):
         lo = hi
     while hi - lo > 1:
@@ -119,4 +123,25 @@ def max_drop_plan(
             lo = mid
         else:
             hi = mid
-    return ranks.threshold_plan(layers, scores, thresholds[lo], block), sweep
+    return float(thresholds[lo]), sweep
+
+
+def max_drop_plan(
+    layers: Mapping[str, object],
+    scores: Mapping[str, ranks.LayerScores],
+    block: int,
+    quality: Callable[[dict[str, Decision]], float],
+    cost: Callable[[dict[str, Decision]], tuple[int, int]],
+    floor: float,
+    progress: Callable[[SweepPoint], None] | None = None,
+) -> tuple[dict[str, Decision], list[SweepPoint]]:
+    """The basis plan at the highest global importance threshold within the quality floor (no
+    pruning at all when even the lowest threshold fails), and the sweep of evaluated plans."""
+    threshold, sweep = max_drop_search(
+        ranks.candidate_thresholds(scores),
+        lambda t: ranks.threshold_plan(layers, scores, t, block),
+        plan_signature, quality, cost, floor, progress,
+    )
+    if threshold is None:
+        return ranks.threshold_plan(layers, {}, 0.0, block), sweep
+    return ranks.threshold_plan(layers, scores, threshold, block), sweep

@@ -118,17 +118,27 @@ def least_squares_scaling(
     Returns (scaling (groups, out_g, r), bias change (groups, out_g)).
     """
     us = svd.u * svd.s[:, None, :]  # (g, out_g, R)
-    scaling, delta = [], []
-    for g in range(svd.groups):
-        k = keep[g]
-        second, mean = stats.second[g], stats.mean[g]
-        cross = second[:, k]  # E[b b_K^T]  (R, r)
-        gram = second[np.ix_(k, k)]  # E[b_K b_K^T]
-        if with_bias:
-            cross = np.concatenate([cross, mean[:, None]], axis=1)
-            gram = np.block([[gram, mean[k][:, None]], [mean[k][None, :], np.ones((1, 1))]])
-        gram = gram + ridge * (np.trace(gram) / len(gram)) * np.eye(len(gram))
-        solution = np.linalg.solve(gram, (us[g] @ cross).T).T  # (out_g, r[+1])
-        scaling.append(solution[:, : len(k)])
-        delta.append(solution[:, len(k)] if with_bias else np.zeros(us.shape[1]))
-    return np.stack(scaling), np.stack(delta)
+    fits = [refit_columns(us[g], keep[g], stats.second[g], stats.mean[g], with_bias, ridge) for g in range(svd.groups)]
+    return np.stack([w for w, _ in fits]), np.stack([d for _, d in fits])
+
+
+def refit_columns(
+    weight: np.ndarray, keep: np.ndarray, second: np.ndarray, mean: np.ndarray, with_bias: bool, ridge: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """The linear map on the kept inputs that best reproduces ``weight @ x`` on calibration data.
+
+    ``weight`` is (out, D), ``keep`` the indices of the D inputs that remain, ``second`` E[x x^T]
+    (D, D) and ``mean`` E[x] (D,). Minimises E|W x - (W_K' x_K + d)|^2 over W_K' (out, len(keep))
+    and, when ``with_bias``, the constant d (out,), in float64 with a small ridge (relative to the
+    mean diagonal) for rank-deficient inputs. Returns (W_K', d); d is 0 without bias.
+    """
+    k = np.asarray(keep)
+    weight = np.asarray(weight, dtype=np.float64)
+    cross = second[:, k]  # E[x x_K^T]  (D, r)
+    gram = second[np.ix_(k, k)]  # E[x_K x_K^T]
+    if with_bias:
+        cross = np.concatenate([cross, mean[:, None]], axis=1)
+        gram = np.block([[gram, mean[k][:, None]], [mean[k][None, :], np.ones((1, 1))]])
+    gram = gram + ridge * (np.trace(gram) / len(gram)) * np.eye(len(gram))
+    solution = np.linalg.solve(gram, (weight @ cross).T).T  # (out, r[+1])
+    return solution[:, : len(k)], solution[:, len(k)] if with_bias else np.zeros(len(weight))

@@ -1,0 +1,213 @@
+"""Double pruning (the paper's second half): remove whole channels first, then prune bases in
+what remains, under one target.
+
+channel analysis (:mod:`.channels`) -> Taylor importance of every channel group on the
+calibration data (one gate per group, Torch) -> for each share of the budget given to the
+channel stage: remove channels (:mod:`.channel_select`, :mod:`.channel_rewrite`), then run the
+basis stage of :mod:`.calibrated` on the smaller model with the rest of the budget -> keep the
+candidate that measures best on the held-out split.
+
+How the budget is divided, by measurement:
+
+* ``--max-drop P``: the channel stage takes the strongest channel pruning whose held-out quality
+  stays within ``share * P`` points, the basis stage then prunes within the full ``P`` (both
+  against the original model). Shares 0 (lossless channel pruning), 1/3 and 2/3 are tried, and
+  bases alone; the smallest model wins (mean of its params and MACs fractions).
+* ``--target-params F`` / ``--target-macs F`` / ``--target-latency F``: the channel stage keeps
+  ``F ** share`` of the params / MACs (MACs as the latency proxy) and the basis stage meets ``F``;
+  the same shares are tried, and bases alone; the best held-out quality wins.
+
+Channel removal alone would lose much more than it needs to: every layer that loses input
+channels is refitted by least squares from calibration moments (:mod:`.channel_refit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import ranks
+from .api import Prepared, PruneResult, prepare
+from .calibrated import CalibrationData, Target, basis_stage, torch_module
+from .channel_refit import refit_consumers, refittable_consumers
+from .channel_rewrite import remove_channels
+from .channel_select import ChannelScores, family_scores, removal_at, removal_for_budget
+from .channels import ChannelAnalysis, analyse_channels
+from .errors import BasisPruneError
+from .search import Evaluator, max_drop_search
+
+SHARES = (0.0, 1 / 3, 2 / 3)
+DEFAULT_CHANNEL_CRITERION = "taylor-sq"
+
+
+@dataclass
+class ChannelStage:
+    """The channel analysis of the original model and the normalised importance of its groups."""
+
+    prepared: Prepared
+    analysis: ChannelAnalysis
+    scores: ChannelScores
+    moments: dict[str, tuple[np.ndarray, np.ndarray]]  # input moments of the refittable layers
+    criterion: str
+    samples: int
+    seconds: float
+    _quality: dict[bytes, float] = field(default_factory=dict, repr=False)
+
+    def model(self, removed: np.ndarray) -> ir.Model:
+        """The original (normalised) model without the groups flagged in ``removed``, the layers
+        that lost inputs refitted by least squares."""
+        model = remove_channels(self.prepared.model, self.analysis, np.flatnonzero(removed))
+        refit_consumers(model, self.prepared.model, self.analysis, removed, self.moments)
+        return model
+
+    def cost(self, removed: np.ndarray) -> tuple[int, int]:
+        return self.analysis.cost(removed)
+
+    def quality(self, removed: np.ndarray, evaluator: Evaluator) -> float:
+        """Held-out quality of :meth:`model`, evaluated once per removal (the shares' searches
+        visit the same candidates) and printed."""
+        key = removed.tobytes()
+        if key not in self._quality:
+            self._quality[key] = evaluator.score(self.model(removed))
+            params, macs = self.cost(removed)
+            original = self.prepared.original
+            print(f"  channels: params {params / original.params:.3f}, MACs {macs / original.macs:.3f}, "
+                  f"{evaluator.metric} {self._quality[key]:.4f}")
+        return self._quality[key]
+
+
+def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
+    """Analyse the channel coupling and measure every prunable group's Taylor importance."""
+    from .calibration.importance import ChannelSite, measure_channel_importance
+
+    analysis = analyse_channels(prepared.model, prepared.shapes)
+    if not analysis.removable():
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in sorted(analysis.reasons().items(), key=lambda kv: -kv[1])[:3])
+        raise BasisPruneError(f"--double: no channel group can be removed safely ({reasons})")
+    print(f"channels: {len(analysis.removable())} of {len(analysis.groups)} channel groups can be removed")
+    module = torch_module(prepared.model, data)
+    args = data.args
+    criterion = args.channel_criterion or DEFAULT_CHANNEL_CRITERION
+    sites = [ChannelSite(site.tensor, site.axis, site.groups) for site in analysis.sites]
+    consumers = refittable_consumers(prepared.model, analysis, prepared.shapes)
+    importance = measure_channel_importance(module, sites, len(analysis.groups), data.batches(), loss=data.loss,
+                                            total=data.n_batches, device=args.device, seed=args.seed,
+                                            consumers=list(consumers.values()))
+    scores = family_scores(analysis, importance.by_criterion(criterion))
+    return ChannelStage(prepared, analysis, scores, importance.moments, criterion, importance.samples, importance.seconds)
+
+
+def channels_within(stage: ChannelStage, data: CalibrationData, floor: float, block: int) -> np.ndarray:
+    """The strongest channel removal whose held-out quality stays >= ``floor``."""
+    threshold, _ = max_drop_search(
+        stage.scores.thresholds(),
+        lambda t: removal_at(stage.analysis, stage.scores, t, block),
+        lambda removed: removed.tobytes(),
+        lambda removed: stage.quality(removed, data.evaluator),
+        stage.cost, floor,
+    )
+    if threshold is None:
+        return np.zeros(len(stage.analysis.groups), dtype=bool)
+    return removal_at(stage.analysis, stage.scores, threshold, block)
+
+
+def channels_for_budget(stage: ChannelStage, kind: str, fraction: float, block: int) -> np.ndarray | None:
+    """The least channel removal keeping ``fraction`` of the original params (or MACs)."""
+    index = 0 if kind == "params" else 1
+    total = stage.prepared.original.params if index == 0 else stage.prepared.original.macs
+    return removal_for_budget(stage.analysis, stage.scores, lambda removed: stage.cost(removed)[index], fraction * total, block)
+
+
+@dataclass
+class Candidate:
+    share: float | None  # of the budget given to the channel stage; None: no channel stage
+    removed: np.ndarray
+    result: PruneResult
+
+    @property
+    def size(self) -> float:
+        """Mean of the params and MACs fractions of the original that remain."""
+        r = self.result
+        return 0.5 * (r.pruned.params / r.original.params + r.pruned.macs / r.original.macs)
+
+    @property
+    def quality(self) -> float:
+        return self.result.extra["quality"]["pruned"]
+
+
+def _measured_latency_ratio(original: ir.Model, smaller: ir.Model, provider: str, shapes) -> float:
+    from .bench import BenchConfig, benchmark
+
+    config = BenchConfig(providers=(provider,), batches=(1,), warmup=5, rounds=20, input_shapes=shapes)
+    return benchmark([ir.to_proto(original), ir.to_proto(smaller)], config).cases[0].timings[1].ratio
+
+
+def double_prune(prepared: Prepared, data: CalibrationData, target: Target) -> PruneResult:
+    """Channel pruning, then basis pruning, with the budget divided by measurement."""
+    args = data.args
+    block = ranks.block_size(args.provider)
+    stage = channel_stage(prepared, data)
+    evaluator = data.evaluator
+    candidates: list[Candidate] = []
+    none = np.zeros(len(stage.analysis.groups), dtype=bool)
+    for share in (None, *SHARES):  # None: bases only, the plain main job
+        if share is None:
+            removed = none
+        elif target.kind == "max-drop":
+            removed = channels_within(stage, data, evaluator.original - share * target.value / 100.0, block)
+        else:
+            removed = channels_for_budget(stage, "params" if target.kind == "params" else "macs", target.value**share, block)
+        if removed is None or (share is not None and any((c.removed == removed).all() for c in candidates)):
+            continue  # out of reach, or the same channel removal as a candidate already made
+        smaller = prepare(stage.model(removed) if removed.any() else prepared.model, prepared.input_shapes)
+        params, macs = stage.cost(removed)
+        label = "bases only" if share is None else f"channel share {share:g}: channels keep params {params / prepared.original.params:.3f}, MACs {macs / prepared.original.macs:.3f}"
+        print(f"double pruning, {label}; pruning bases")
+        latency_scale = 1.0
+        if target.kind == "latency" and removed.any():
+            latency_scale = _measured_latency_ratio(prepared.model, smaller.model, args.provider, prepared.input_shapes)
+        try:
+            result = basis_stage(smaller, data, target, prepared.original, latency_scale=latency_scale, verbose=False,
+                                 time_candidates=False)
+        except BasisPruneError as exc:  # e.g. a target the smaller model cannot reach with bases
+            print(f"  skipped: {exc}")
+            continue
+        candidate = Candidate(share, removed, result)
+        candidates.append(candidate)
+        print(f"  -> params {result.pruned.params / result.original.params:.3f}, MACs {result.pruned.macs / result.original.macs:.3f}, "
+              f"{evaluator.metric} {candidate.quality:.4f}")
+    if not candidates:
+        raise BasisPruneError(f"--double: no split of the budget reaches target {target.kind} {target.value:g}")
+    if target.kind == "max-drop":
+        best = min(candidates, key=lambda c: (c.size, -c.quality))
+    else:
+        best = max(candidates, key=lambda c: (c.quality, -c.size))
+    result = best.result
+    result.extra["double"] = {
+        "channel_criterion": stage.criterion,
+        "channel_calibration": {"samples": stage.samples, "seconds": round(stage.seconds, 2)},
+        "chosen_share": best.share,
+        "candidates": [
+            {"share": c.share, "channel_groups_removed": int(c.removed.sum()),
+             "params": c.result.pruned.params, "macs": c.result.pruned.macs, "quality": c.quality}
+            for c in candidates
+        ],
+        "unprunable": stage.analysis.reasons(),
+    }
+    result.extra["channels"] = channel_report(stage.analysis, best.removed)
+    return result
+
+
+def channel_report(analysis: ChannelAnalysis, removed: np.ndarray) -> list[dict]:
+    """Per Conv/Gemm/MatMul: output and input channels before and after the channel stage."""
+    def kept(groups: np.ndarray) -> int:
+        groups = np.asarray(groups)
+        return int(((groups < 0) | ~removed[np.maximum(groups, 0)]).sum())
+
+    rows = []
+    for name, (out_groups, in_groups) in analysis.layer_channels().items():
+        rows.append({"name": name, "out": [len(out_groups), kept(out_groups)], "in": [len(in_groups), kept(in_groups)]})
+    return rows
+
