@@ -84,13 +84,13 @@ class Recipe:
 
 CIFAR10 = Recipe(
     name="mobilenet_v2_cifar10", data="cifar10", train_split="train", eval_split="test",
-    resolution=64, epochs=8, batch_size=64, lr=0.03, weight_decay=4e-5, warmup_epochs=0.5,
+    resolution=64, epochs=20, batch_size=64, lr=0.03, weight_decay=4e-5, warmup_epochs=0.5,
     label_smoothing=0.1, frozen_blocks=0,
     augmentation="PIL bilinear resize 32->64 once; per epoch random crop 64 of the zero-padded (8 px) image + horizontal flip",
     eval_resize=None)
 HYMENOPTERA = Recipe(
     name="mobilenet_v2_hymenoptera", data="hymenoptera", train_split="train", eval_split="val",
-    resolution=224, epochs=8, batch_size=16, lr=0.01, weight_decay=4e-5, warmup_epochs=0.0,
+    resolution=224, epochs=12, batch_size=16, lr=0.01, weight_decay=4e-5, warmup_epochs=0.0,
     label_smoothing=0.0, frozen_blocks=14,
     augmentation="RandomResizedCrop(224) + RandomHorizontalFlip (torchvision)",
     eval_resize=256)

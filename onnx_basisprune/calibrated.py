@@ -156,30 +156,55 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
     return basis_stage(prepared, data, target, prepared.original)
 
 
-def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, reference: ModelCost,
-                latency_scale: float = 1.0, verbose: bool = True, time_candidates: bool = True) -> PruneResult:
-    """Basis pruning of ``prepared`` to ``target``: importance of every basis, then the plan.
+@dataclass
+class BasisImportance:
+    """What the importance pass measured on the decomposed model: Taylor statistics of every
+    basis scaling factor and the basis-output moments (also set on the layers, for the
+    least-squares scaling)."""
 
-    ``reference`` is the cost of the user's original model (the targets are fractions of it),
-    ``latency_scale`` the latency of ``prepared`` relative to the original (double pruning);
-    ``time_candidates`` times every model the quality search evaluated (unless ``--no-bench``).
-    """
+    prepared: Prepared
+    result: object  # calibration.importance.ImportanceResult
+
+    def scores(self, criterion: str) -> dict[str, ranks.LayerScores]:
+        """Per-layer normalised scores by ``criterion`` (energy, taylor or taylor-sq)."""
+        layers = self.prepared.layers
+        if criterion == "energy":
+            return {name: ranks.output_energy_scores(layers[name]) for name in self.result.second}
+        groups = {name: layers[name].groups for name in self.result.second}
+        return layer_scores(self.result.by_criterion(criterion), groups)
+
+
+def basis_importance(prepared: Prepared, data: CalibrationData, verbose: bool = True) -> BasisImportance:
+    """Decompose at full rank and measure every basis on the calibration data (Torch)."""
     from .calibration.importance import Gate, measure_importance
 
     args = data.args
     decomposed = rewritten(prepared, ranks.full_rank_plan(prepared.layers))
     module = torch_module(decomposed, data)
-    criterion = args.criterion or DEFAULT_CRITERION
     gates = {name: Gate(tensor, axis, prepared.layers[name].groups) for name, (tensor, axis) in basis_gates(decomposed).items()}
     importance = measure_importance(module, gates, data.batches(), loss=data.loss, total=data.n_batches, device=args.device,
                                     seed=args.seed, progress=verbose)
     for name in importance.second:
         prepared.layers[name].stats = BasisStats(importance.second[name], importance.mean[name])
-    if criterion == "energy":
-        scores = {name: ranks.output_energy_scores(prepared.layers[name]) for name in importance.second}
-    else:
-        groups = {name: prepared.layers[name].groups for name in gates}
-        scores = layer_scores(importance.by_criterion(criterion), groups)
+    return BasisImportance(prepared, importance)
+
+
+def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, reference: ModelCost,
+                latency_scale: float = 1.0, verbose: bool = True, time_candidates: bool = True,
+                measured: BasisImportance | None = None) -> PruneResult:
+    """Basis pruning of ``prepared`` to ``target``: importance of every basis (unless already
+    ``measured``), then the plan.
+
+    ``reference`` is the cost of the user's original model (the targets are fractions of it),
+    ``latency_scale`` the latency of ``prepared`` relative to the original (double pruning);
+    ``time_candidates`` times every model the quality search evaluated (unless ``--no-bench``).
+    The result is a new model; ``prepared`` is not changed (but for the layers' moments).
+    """
+    args = data.args
+    measured = measured or basis_importance(prepared, data, verbose)
+    importance = measured.result
+    criterion = args.criterion or DEFAULT_CRITERION
+    scores = measured.scores(criterion)
 
     block = ranks.block_size(args.provider)
     table = None
@@ -219,7 +244,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         sweep = time_sweep(evaluator.reference, sweep,
                            lambda p: rewritten(prepared, ranks.threshold_plan(prepared.layers, scores, p.threshold, block)),
                            prepared.input_shapes)
-    result = apply_plan(prepared, plan, in_place=True)
+    result = apply_plan(prepared, plan)
     result.original = reference
     if table is not None:
         result.extra["predicted_latency_ratio"] = latency_scale * predicted_latency_ratio(prepared, plan, table)

@@ -144,11 +144,12 @@ def _measured_latency_ratio(original: ir.Model, smaller: ir.Model, provider: str
     return benchmark([ir.to_proto(original), ir.to_proto(smaller)], config).cases[0].timings[1].ratio
 
 
-def double_prune(prepared: Prepared, data: CalibrationData, target: Target) -> PruneResult:
-    """Channel pruning, then basis pruning, with the budget divided by measurement."""
+def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stage: ChannelStage | None = None) -> PruneResult:
+    """Channel pruning, then basis pruning, with the budget divided by measurement (``stage``:
+    the channel importance already measured on ``prepared``)."""
     args = data.args
     block = ranks.block_size(args.provider)
-    stage = channel_stage(prepared, data)
+    stage = stage or channel_stage(prepared, data)
     evaluator = data.evaluator
     candidates: list[Candidate] = []
     none = np.zeros(len(stage.analysis.groups), dtype=bool)

@@ -1,0 +1,37 @@
+"""The benchmark suite's --quick mode end to end: one small real case, every method, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_quick_benchmark_writes_results(shared_dir, tmp_path):
+    import run_benchmarks
+
+    assert run_benchmarks.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / f"{run_benchmarks.QUICK.name}.json").read_text())
+    rows = record["rows"]
+    original = rows[0]
+    assert original["method"] == "original" and 0.85 < original["test_accuracy"] < 0.95 and record["test_n"] == 1000
+    methods = {r["method"] for r in rows}
+    assert {"basisprune", "energy truncation", "torch-pruning", "onnxsim-l2", "onnxsim-wanda"} <= methods
+    operating = next(r for r in rows if r["method"] == "basisprune" and r["target"] == "max-drop 1" and r["criterion"] == "energy")
+    assert operating["params"] < original["params"] and operating["test_accuracy"] is not None
+    for r in rows:
+        if r["params"]:
+            assert r["test_accuracy"] is not None and 0.0 <= r["test_accuracy"] <= 1.0
+            assert set(r["latency"]) == {"b1", "b8"} and all(v > 0 for v in r["latency"].values())
+            assert Path(r["path"]).is_file() and r["file_bytes"] == Path(r["path"]).stat().st_size
+    for r in rows:  # baselines land on the MACs they were asked for
+        if r["method"] in run_benchmarks.BASELINES and r["params"]:
+            assert r["macs"] / original["macs"] == pytest.approx(float(r["target"].split()[1]), abs=0.011)
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert run_benchmarks.QUICK.title in markdown and "--max-drop 1" in markdown
+    assert (tmp_path / f"{run_benchmarks.QUICK.name}.png").stat().st_size > 10_000
