@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The benchmark suite (about an hour on 2 cores): builds the transfer models, then writes
+# benchmarks/RESULTS.md. Needs ../shared beside the checkout.
+bench: $(STAMP)
+	$(PY) benchmarks/transfer_models.py
+	$(PY) benchmarks/run_benchmarks.py
 
 clean:
 	rm -rf build $(VENV)

@@ -120,11 +120,15 @@ def _taylor_batches(
             if axis is None:
                 return x
             channel = axis % x.dim()
+            # The hook must not hold ``x`` itself: x -> grad_fn -> hook -> x is a cycle through
+            # autograd's C++ graph that Python's collector cannot break, and every batch's
+            # activations would stay in memory. The detached view shares the storage only.
+            value = x.detach()
 
             def on_grad(grad: torch.Tensor) -> None:
-                dims = [d for d in range(x.dim()) if d not in (0, channel)]
-                g = (x.detach() * grad).sum(dim=dims) if dims else x.detach() * grad
-                per_sample[name] = g.reshape(x.shape[0], -1).double()  # (N, channels)
+                dims = [d for d in range(value.dim()) if d not in (0, channel)]
+                g = (value * grad).sum(dim=dims) if dims else value * grad
+                per_sample[name] = g.reshape(value.shape[0], -1).double()  # (N, channels)
 
             x.register_hook(on_grad)
             return x

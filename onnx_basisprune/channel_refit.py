@@ -2,7 +2,7 @@
 
 Removing a channel takes its contribution away from every layer that reads it. Without weight
 fine-tuning, the best a layer can do is replace the removed inputs by their best linear estimate
-from the kept ones (and their mean by a bias): ``W x ~ W_K' x_K + d``, solved in closed form from
+from the kept ones (and their mean by the layer's bias, where it has one): ``W x ~ W_K' x_K + d``, solved in closed form from
 the moments ``E[x x^T]``, ``E[x]`` of the layer's input on the calibration data (the channel
 pruning of He et al. 2017, without the LASSO step). For a 2-D Conv, ``x`` is one im2col row (the
 input patch of one output position, channel-major like the weight); for Gemm/MatMul it is the
@@ -135,7 +135,9 @@ def refit_consumers(pruned: ir.Model, original: ir.Model, analysis: ChannelAnaly
         per_input = weight.shape[1] // len(keep_in)  # kernel positions per input channel (Conv)
         columns = np.flatnonzero(np.repeat(keep_in, per_input))
         second, mean = moments[node.name]
-        with_bias = node.op_type != "MatMul"
+        # The mean of the removed inputs goes into the layer's bias, where it has one (exported
+        # Convs have one once BatchNorm is folded); no bias is added, so the cost model holds.
+        with_bias = len(node.inputs) > 2 and node.inputs[2] is not None
         fitted, delta = refit_columns(weight[keep_out], columns, second, mean, with_bias)
         dtype = node.inputs[1].const_value.numpy().dtype
         if node.op_type == "Conv":

@@ -183,3 +183,25 @@ def test_channel_importance_is_the_derivative_of_one_gate_shared_by_its_sites():
     assert result.samples == 7
     np.testing.assert_allclose(result.taylor, np.abs(g.mean(axis=0)), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.taylor_sq, (g**2).mean(axis=0), rtol=1e-4, atol=1e-9)
+
+
+def test_no_batch_activations_stay_alive_after_the_pass():
+    """Memory must not grow with the calibration set: the gradient hooks must not keep each
+    batch's activations alive (a hook holding its own tensor is a cycle through autograd's graph
+    that Python's garbage collector cannot break)."""
+    import gc
+    import weakref
+
+    from onnx_basisprune.calibration.importance import _taylor_batches
+
+    rng = np.random.default_rng(6)
+    model = _tiny_model(rng)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 8).astype(np.int64)
+    seen: list[weakref.ref] = []
+    batches = [({"x": x[i : i + 2]}, labels[i : i + 2]) for i in range(0, 8, 2)]
+    for _ in _taylor_batches(OnnxTorchModule(model), {"c": 1}, batches, loss="labels", total=None, device="cpu", seed=0,
+                             progress=False, on_forward=lambda name, t: seen.append(weakref.ref(t))):
+        pass
+    gc.collect()
+    assert len(seen) == 4 and all(ref() is None for ref in seen)
