@@ -240,14 +240,15 @@ def measure_channel_importance(
     seed: int = 0,
     progress: bool = True,
     consumers: Sequence[ConsumerInput] = (),
-    max_rows: int = 4096,
+    rows_per_input: int = 64,
 ) -> ChannelImportance:
     """Per-sample derivative of the loss by each group's gate, summed over the group's channels
     at every site (the chain rule for one gate used in many places), then both criteria.
 
     In the same pass, the input moments of every layer in ``consumers``: im2col rows for a Conv,
-    feature vectors for Gemm/MatMul; at most ``max_rows`` rows per batch and layer, drawn at
-    random (seeded), which is plenty for moments and bounds the cost on large feature maps."""
+    feature vectors for Gemm/MatMul, about ``rows_per_input`` rows per input dimension D in all
+    (drawn at random per batch, seeded; at least 256 per batch): plenty for D x D moments, and it
+    bounds the cost of large feature maps (the D^2 products dominate the pass otherwise)."""
     device = device or default_device()
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -259,7 +260,8 @@ def measure_channel_importance(
     readers: dict[str, list[ConsumerInput]] = {}
     for spec in consumers:
         readers.setdefault(spec.tensor, []).append(spec)
-    moments = _Moments(max_rows, seed)
+    batches_expected = total or 64
+    moments = _Moments({spec.node: max(256, -(-rows_per_input * spec.size // batches_expected)) for spec in consumers}, seed)
 
     def on_forward(tensor: str, x: torch.Tensor) -> None:
         for spec in readers.get(tensor, ()):
@@ -294,16 +296,18 @@ def _input_rows(spec: ConsumerInput, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Moments:
-    """Running E[x x^T] and E[x] per layer over randomly subsampled rows, in float64."""
+    """Running E[x x^T] and E[x] per layer over rows subsampled at random (at most
+    ``max_rows[layer]`` per batch), in float64."""
 
-    def __init__(self, max_rows: int, seed: int):
-        self.max_rows = max_rows
+    def __init__(self, max_rows: Mapping[str, int], seed: int):
+        self.max_rows = dict(max_rows)
         self.generator = torch.Generator().manual_seed(seed)
         self.sums: dict[str, list] = {}
 
     def add(self, name: str, rows: torch.Tensor) -> None:
-        if len(rows) > self.max_rows:
-            pick = torch.randperm(len(rows), generator=self.generator)[: self.max_rows].to(rows.device)
+        cap = self.max_rows.get(name, len(rows))
+        if len(rows) > cap:
+            pick = torch.randperm(len(rows), generator=self.generator)[:cap].to(rows.device)
             rows = rows[pick]
         rows = rows.double()
         entry = self.sums.setdefault(name, [0, 0, 0])

@@ -86,7 +86,7 @@ def layer_table(layers: Sequence[LayerReport]) -> str:
 def channel_table(rows: Sequence[dict]) -> str:
     """Channels of each Conv/Gemm/MatMul before and after the channel stage of double pruning."""
     body = [(r["name"], f"{r['out'][0]} -> {r['out'][1]}", f"{r['in'][0]} -> {r['in'][1]}") for r in rows]
-    return table(("layer", "out channels", "in channels"), body)
+    return table(("layer", "out channels", "in channels (Gemm: features)"), body)
 
 
 def inspect_table(rows: Sequence[InspectRow]) -> str:

@@ -297,7 +297,7 @@ def test_gemm_rows_are_the_feature_vectors():
 def test_moments_without_subsampling_are_exact():
     rng = np.random.default_rng(0)
     chunks = [rng.standard_normal((n, 5)) + 0.3 for n in (7, 20, 13)]
-    moments = _Moments(max_rows=20, seed=0)
+    moments = _Moments(max_rows={"layer": 20}, seed=0)
     for c in chunks:
         moments.add("layer", torch.from_numpy(c.astype(np.float32)))
     second, mean = moments.result()["layer"]
@@ -308,7 +308,7 @@ def test_moments_without_subsampling_are_exact():
 
 def test_moments_subsample_distinct_rows():
     """Above max_rows a batch contributes max_rows distinct rows (no replacement)."""
-    moments = _Moments(max_rows=4, seed=3)
+    moments = _Moments(max_rows={"layer": 4}, seed=3)
     moments.add("layer", torch.eye(10))
     second, mean = moments.result()["layer"]
     assert np.count_nonzero(np.diag(second)) == 4
@@ -354,7 +354,7 @@ class RefitCase:
         sites = [ChannelSite(s.tensor, s.axis, s.groups) for s in self.analysis.sites]
         self.importance = measure_channel_importance(
             OnnxTorchModule(self.proto), sites, len(self.analysis.groups), batches, loss="self", device="cpu",
-            progress=False, consumers=list(self.consumers.values()))
+            progress=False, consumers=list(self.consumers.values()), rows_per_input=10**6)  # all rows: exact moments
         self.a_groups = [group_of(self.analysis, "ra.out", c) for c in range(8)]
         self.b_groups = [group_of(self.analysis, "rb.out", c) for c in range(6)]
 
