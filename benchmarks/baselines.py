@@ -164,7 +164,7 @@ def load_folder(model: str | os.PathLike | onnx.ModelProto, folder: str | os.Pat
 def test_accuracy(model: str | os.PathLike, folder: str | os.PathLike, limit: int | None = None,
                   seed: int = 0, batch_size: int = 256) -> tuple[float, int]:
     """Top-1 accuracy with onnxruntime CPU on ``folder`` (all of it unless ``limit``), as
-    ``benchmarks/calibrated_pruning.py`` measures onnx-basisprune's models."""
+    ``benchmarks/run_benchmarks.py`` measures onnx-basisprune's models."""
     data = load_folder(model, folder, limit, seed)
     if data.labels is None:
         raise BaselineError(f"test folder {folder} has no class subfolders (no labels)")
