@@ -5,12 +5,12 @@
 
 Writes to ``--out`` (default ``<repo>/build/benchmarks/models``):
 
-* ``mobilenet_v2_cifar10.onnx``: input [N,3,64,64]. torchvision MobileNetV2 ``IMAGENET1K_V1``,
+* ``mobilenet_v2_cifar10.onnx``: input [N,3,96,96]. torchvision MobileNetV2 ``IMAGENET1K_V1``,
   classifier replaced by Linear(1280, 10), all layers fine-tuned on the 10,000 CIFAR-10 train
-  PNGs of ``../shared`` upscaled 32 -> 64 (PIL bilinear), random crop (padding 8 at 64 px, i.e. 4 at
-  32) + horizontal flip, ImageNet mean/std; SGD + Nesterov, cosine learning rate.
+  PNGs of ``../shared`` upscaled 32 -> 110 (PIL bilinear), random 96 px crop + horizontal flip,
+  ImageNet mean/std; SGD + Nesterov, cosine learning rate.
   Accuracy on all 10,000 test images with onnxruntime, preprocessed by onnx-basisprune's own
-  default loader (resize 32 -> 64, /255, ImageNet mean/std): the same as training, so
+  default loader (resize 32 -> 110, centre crop 96, /255, ImageNet mean/std): as in training, so
   ``python -m onnx_basisprune MODEL --calib .../cifar10/train --eval .../cifar10/test`` needs no
   preprocessing options.
 * ``mobilenet_v2_hymenoptera.onnx``: input [N,3,224,224], ants/bees (Linear(1280, 2)), standard
@@ -125,10 +125,11 @@ class Recipe:
 
 CIFAR10 = Recipe(
     name="mobilenet_v2_cifar10", data="cifar10", train_split="train", eval_split="test",
-    resolution=64, epochs=20, batch_size=64, lr=0.03, weight_decay=4e-5, warmup_epochs=0.5,
+    resolution=96, epochs=15, batch_size=64, lr=0.03, weight_decay=4e-5, warmup_epochs=0.5,
     label_smoothing=0.1, frozen_blocks=0,
-    augmentation="PIL bilinear resize 32->64 once; per epoch random crop 64 of the zero-padded (8 px) image + horizontal flip",
-    eval_resize=None)
+    augmentation="PIL bilinear resize 32->110 once (the tool's default for a 96 px input: short side 96*256/224, "
+                 "then a centre crop); per epoch a random 96 px crop + horizontal flip",
+    eval_resize=110)
 HYMENOPTERA = Recipe(
     name="mobilenet_v2_hymenoptera", data="hymenoptera", train_split="train", eval_split="val",
     resolution=224, epochs=12, batch_size=16, lr=0.01, weight_decay=4e-5, warmup_epochs=0.0,
@@ -233,14 +234,16 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop of the zero-padded batch (same size) + random horizontal flip, per sample."""
-    n, _, h, w = x.shape
+def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, size: int | None = None) -> torch.Tensor:
+    """Random ``size`` x ``size`` crop (default: the input size) of the zero-padded batch + random
+    horizontal flip, per sample."""
+    n, c, height, width = x.shape
+    h = w = size or height
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    dy = torch.randint(0, height + 2 * pad - h + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, width + 2 * pad - w + 1, (n,), generator=gen).tolist()
     flip = torch.rand(n, generator=gen).lt(0.5).tolist()
-    out = torch.empty_like(x)
+    out = torch.empty((n, c, h, w), dtype=x.dtype)
     for i in range(n):
         crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
         out[i] = crop.flip(-1) if flip[i] else crop
@@ -263,7 +266,7 @@ def fit_tensors(model: torch.nn.Module, params: list[torch.nn.Parameter], train_
         t_epoch = time.perf_counter()
         for s in range(steps_per_epoch):
             idx = order[s * recipe.batch_size:(s + 1) * recipe.batch_size]
-            x = normalise(crop_flip(x_all[idx], pad, gen))
+            x = normalise(crop_flip(x_all[idx], pad, gen, recipe.resolution))
             y = y_all[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
@@ -288,14 +291,14 @@ def train_cifar10(shared: Path, recipe: Recipe, data_root: Path) -> tuple[torch.
     gen = seed_everything(SEED)
     files, labels, classes = image_files(data_dir("cifar10", recipe, shared, data_root) / recipe.train_split)
     t0 = time.perf_counter()
-    x_all = load_upscaled(files, recipe.resolution)
+    x_all = load_upscaled(files, recipe.eval_resize or recipe.resolution)  # as the loader resizes
     y_all = torch.tensor(labels)
-    log(f"cifar10: {len(files)} train images, {len(classes)} classes, upscaled to {recipe.resolution} "
+    log(f"cifar10: {len(files)} train images, {len(classes)} classes, upscaled to {x_all.shape[-1]} "
         f"in {time.perf_counter() - t0:.0f}s")
     model = mobilenet_v2(shared, len(classes)).to(memory_format=torch.channels_last)
     params = freeze(model, recipe.frozen_blocks)
     fitted = fit_tensors(model, params, lambda: set_train_mode(model, recipe.frozen_blocks), x_all, y_all,
-                         recipe, recipe.resolution // 8, gen, "cifar10")
+                         recipe, 0 if recipe.eval_resize else recipe.resolution // 8, gen, "cifar10")
     return model, {"train_images": len(files), "classes": classes, **fitted}
 
 

@@ -227,8 +227,11 @@ def budget_plan(
     target_latency: float | None = None,
     table: LatencyTable | None = None,
 ) -> dict[str, Decision]:
-    """The least pruning (by global score threshold) that meets a params, MACs or latency fraction."""
+    """The least pruning that meets a params, MACs or latency fraction: bases are ranked by score
+    per unit of what the budget counts (params, or MACs, also for latency), the greedy order for
+    a knapsack, and cut at the lowest global threshold that fits."""
     layers = prepared.layers
+    scores = ranks.per_unit_cost(scores, layers, "params" if target_params is not None else "macs")
     if target_latency is not None:
         label, value, total = "latency", target_latency, 1.0
 

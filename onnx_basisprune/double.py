@@ -152,6 +152,7 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
     stage = stage or channel_stage(prepared, data)
     evaluator = data.evaluator
     candidates: list[Candidate] = []
+    tried: list[np.ndarray] = []
     none = np.zeros(len(stage.analysis.groups), dtype=bool)
     for share in (None, *SHARES):  # None: bases only, the plain main job
         if share is None:
@@ -160,8 +161,9 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
             removed = channels_within(stage, data, evaluator.original - share * target.value / 100.0, block)
         else:
             removed = channels_for_budget(stage, "params" if target.kind == "params" else "macs", target.value**share, block)
-        if removed is None or (share is not None and any((c.removed == removed).all() for c in candidates)):
-            continue  # out of reach, or the same channel removal as a candidate already made
+        if removed is None or any((r == removed).all() for r in tried):
+            continue  # out of reach, or a channel removal already tried
+        tried.append(removed)
         smaller = prepare(stage.model(removed) if removed.any() else prepared.model, prepared.input_shapes)
         params, macs = stage.cost(removed)
         label = "bases only" if share is None else f"channel share {share:g}: channels keep params {params / prepared.original.params:.3f}, MACs {macs / prepared.original.macs:.3f}"

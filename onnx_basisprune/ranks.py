@@ -51,6 +51,15 @@ def output_energy_scores(layer: Layer) -> LayerScores:
     return LayerScores(order=np.argsort(-scores, axis=1, kind="stable"), scores=scores)
 
 
+def per_unit_cost(scores: Mapping[str, LayerScores], layers: Mapping[str, Layer], cost: str) -> dict[str, LayerScores]:
+    """Scores divided by what one basis of the layer costs (``params`` or ``macs``), for ranking
+    under a budget of that cost: a basis of a layer at 32x32 positions costs 16 times the MACs of
+    one at 8x8. Only ratios between layers matter (one global threshold)."""
+    unit = {name: layers[name].split_params(1) * (1 if cost == "params" else layers[name].positions) for name in scores}
+    mean = float(np.mean(list(unit.values()))) if unit else 1.0
+    return {name: LayerScores(s.order, s.scores * (mean / max(unit[name], 1))) for name, s in scores.items()}
+
+
 def cpu_block_size() -> int:
     """Channel block of onnxruntime's CPU convolutions: 16 with AVX-512, else 8."""
     try:
