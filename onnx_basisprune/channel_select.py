@@ -49,6 +49,23 @@ def family_scores(analysis: ChannelAnalysis, importance: np.ndarray) -> ChannelS
     return ChannelScores(families, scores)
 
 
+def per_unit_cost(analysis: ChannelAnalysis, scores: ChannelScores, cost: str) -> ChannelScores:
+    """Scores divided by what removing the group alone saves (``params`` or ``macs``), for ranking
+    under a budget of that cost, as :func:`onnx_basisprune.ranks.per_unit_cost` does for bases."""
+    index = 0 if cost == "params" else 1
+    none = np.zeros(len(analysis.groups), dtype=bool)
+    base = analysis.cost(none)[index]
+    unit = np.full(len(analysis.groups), np.nan)
+    for family in scores.families:
+        for g in family:
+            one = none.copy()
+            one[g] = True
+            unit[g] = max(base - analysis.cost(one)[index], 1)
+    weighted = scores.scores * (np.nanmean(unit) / unit) if np.isfinite(unit).any() else scores.scores
+    families = [family[np.argsort(-weighted[family], kind="stable")] for family in scores.families]
+    return ChannelScores(families, weighted)
+
+
 def removal_at(analysis: ChannelAnalysis, scores: ChannelScores, threshold: float, block: int) -> np.ndarray:
     """Groups removed at a global threshold: in each family those scoring below it, keeping at
     least one group and a block-aligned count (the most important ones). A tensor holding only

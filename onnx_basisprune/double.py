@@ -33,7 +33,7 @@ from .api import Prepared, PruneResult, prepare
 from .calibrated import CalibrationData, Target, basis_stage, torch_module
 from .channel_refit import refit_consumers, refittable_consumers
 from .channel_rewrite import remove_channels
-from .channel_select import ChannelScores, family_scores, removal_at, removal_for_budget
+from .channel_select import ChannelScores, family_scores, per_unit_cost, removal_at, removal_for_budget
 from .channels import ChannelAnalysis, analyse_channels
 from .errors import BasisPruneError
 from .search import Evaluator, max_drop_search
@@ -114,10 +114,12 @@ def channels_within(stage: ChannelStage, data: CalibrationData, floor: float, bl
 
 
 def channels_for_budget(stage: ChannelStage, kind: str, fraction: float, block: int) -> np.ndarray | None:
-    """The least channel removal keeping ``fraction`` of the original params (or MACs)."""
+    """The least channel removal keeping ``fraction`` of the original params (or MACs), groups
+    ranked by importance per unit of that cost."""
     index = 0 if kind == "params" else 1
     total = stage.prepared.original.params if index == 0 else stage.prepared.original.macs
-    return removal_for_budget(stage.analysis, stage.scores, lambda removed: stage.cost(removed)[index], fraction * total, block)
+    scores = per_unit_cost(stage.analysis, stage.scores, kind)
+    return removal_for_budget(stage.analysis, scores, lambda removed: stage.cost(removed)[index], fraction * total, block)
 
 
 @dataclass

@@ -507,3 +507,21 @@ def test_existing_value_and_initializer_names_do_not_collide():
     out = _decompose_exact(model)
     assert numpy_helper.to_array(_init(out, "conv.basis.weight")).shape == (1,)
     assert_same_outputs(model, out)
+
+
+def test_budget_ranking_is_per_unit_of_the_budgeted_cost(cnn):
+    """Under a MACs budget a basis of a layer with many output positions is worth more MACs:
+    scores are divided by each layer's per-basis cost (params or MACs)."""
+    from onnx_basisprune import ranks
+    from onnx_basisprune.api import prepare
+
+    prepared = prepare(cnn)
+    scores = {name: ranks.energy_scores(layer) for name, layer in prepared.splittable().items()}
+    for kind in ("params", "macs"):
+        weighted = ranks.per_unit_cost(scores, prepared.layers, kind)
+        unit = {n: prepared.layers[n].split_params(1) * (prepared.layers[n].positions if kind == "macs" else 1) for n in scores}
+        names = list(scores)
+        ratios = [weighted[n].scores[0, 0] / scores[n].scores[0, 0] * unit[n] for n in names]
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-12)
+        for n in names:
+            np.testing.assert_array_equal(weighted[n].order, scores[n].order)

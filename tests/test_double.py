@@ -27,7 +27,7 @@ from onnx_basisprune.calibration.importance import ChannelSite, _input_rows, _Mo
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 from onnx_basisprune.channel_refit import ConsumerInput, refit_consumers, refittable_consumers
 from onnx_basisprune.channel_rewrite import remove_channels
-from onnx_basisprune.channel_select import family_scores, removal_at, removal_for_budget
+from onnx_basisprune.channel_select import family_scores, per_unit_cost, removal_at, removal_for_budget
 from onnx_basisprune.channels import ChannelAnalysis, analyse_channels
 from onnx_basisprune.cli import main
 from onnx_basisprune.cost import count_params, model_cost
@@ -157,6 +157,27 @@ def test_removal_at_threshold_sweep(families, block):
     strongest = removal_at(analysis, scores, np.inf, block)
     assert sorted(int((~strongest[f]).sum()) for f in scores.families) == [block] * 3
     assert analysis.emptied(strongest) == []
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_per_unit_cost_divides_by_the_saving_of_each_group(families, kind):
+    _, analysis, importance = families
+    scores = family_scores(analysis, importance)
+    weighted = per_unit_cost(analysis, scores, kind)
+    index = 0 if kind == "params" else 1
+    none = np.zeros(len(analysis.groups), dtype=bool)
+    saving = {}
+    for g in analysis.removable():
+        one = none.copy()
+        one[g] = True
+        saving[g] = analysis.cost(none)[index] - analysis.cost(one)[index]
+    groups = list(saving)
+    ratio = np.array([weighted.scores[g] / scores.scores[g] for g in groups if scores.scores[g] > 0])
+    inverse = np.array([1.0 / saving[g] for g in groups if scores.scores[g] > 0])
+    np.testing.assert_allclose(ratio / ratio[0], inverse / inverse[0], rtol=1e-9)  # proportional to 1 / saving
+    for family in weighted.families:  # still most important first
+        assert (np.diff(weighted.scores[family]) <= 0).all()
+    assert np.isnan(weighted.scores[[g for g in range(len(analysis.groups)) if g not in saving]]).all()
 
 
 def _partial_tensor_model(kind: str) -> onnx.ModelProto:
