@@ -199,6 +199,15 @@ def ours(case: Case, work: Path) -> tuple[list[Row], dict]:
             rows.append(Row("basisprune", criterion, label, result.pruned.params, result.pruned.macs,
                             seconds=round(importance_s + seconds, 1), path=path,
                             note=f"held-out {result.extra['quality']['metric']} {result.extra['quality']['pruned']:.4f}"))
+    args.criterion, args.latency_aware = None, True  # split only where the measured pair is faster
+    result, seconds = _timed(lambda: basis_stage(prepared, data, Target("max-drop", 1.0), prepared.original, verbose=False,
+                                                 time_candidates=False, measured=measured))
+    rows.append(Row("basisprune --latency-aware", "energy", "max-drop 1", result.pruned.params, result.pruned.macs,
+                    seconds=round(importance_s + seconds, 1), path=_save(result, work / "basisprune.latency_aware.onnx"),
+                    note=f"predicted CPU latency ratio {result.extra['predicted_latency_ratio']:.3f}"))
+    args.latency_aware = False
+    for layer in prepared.layers.values():
+        layer.measured_break_even = None
     for f in case.sweep:
         try:
             result, seconds = _timed(lambda: prune(case.model, target_macs=f))
@@ -367,7 +376,7 @@ def verdicts(record: dict) -> list[str]:
     original = rows[0]
     acc0 = original["test_accuracy"]
     out = []
-    for method in ("basisprune", "basisprune --double"):
+    for method in ("basisprune", "basisprune --latency-aware", "basisprune --double"):
         op = next((r for r in rows if r["method"] == method and r["target"] == "max-drop 1" and r["criterion"] == "energy"), None)
         if op is None or op["test_accuracy"] is None:
             continue
