@@ -168,7 +168,7 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
         tried.append(removed)
         smaller = prepare(stage.model(removed) if removed.any() else prepared.model, prepared.input_shapes)
         params, macs = stage.cost(removed)
-        label = "bases only" if share is None else f"channel share {share:g}: channels keep params {params / prepared.original.params:.3f}, MACs {macs / prepared.original.macs:.3f}"
+        label = "bases only" if share is None else f"channel share {share:.2g}: channels keep params {params / prepared.original.params:.3f}, MACs {macs / prepared.original.macs:.3f}"
         print(f"double pruning, {label}; pruning bases")
         latency_scale = 1.0
         if target.kind == "latency" and removed.any():
