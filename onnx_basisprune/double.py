@@ -53,7 +53,7 @@ class ChannelStage:
     criterion: str
     samples: int
     seconds: float
-    _quality: dict[bytes, float] = field(default_factory=dict, repr=False)
+    _quality: dict[tuple[int, bytes], float] = field(default_factory=dict, repr=False)
 
     def model(self, removed: np.ndarray) -> ir.Model:
         """The original (normalised) model without the groups flagged in ``removed``, the layers
@@ -68,7 +68,7 @@ class ChannelStage:
     def quality(self, removed: np.ndarray, evaluator: Evaluator) -> float:
         """Held-out quality of :meth:`model`, evaluated once per removal (the shares' searches
         visit the same candidates) and printed."""
-        key = removed.tobytes()
+        key = (id(evaluator), removed.tobytes())
         if key not in self._quality:
             self._quality[key] = evaluator.score(self.model(removed))
             params, macs = self.cost(removed)
