@@ -195,14 +195,22 @@ def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, in
     return params, macs
 
 
-def use_measured_latency(prepared: Prepared, provider: str, block: int) -> LatencyTable:
-    """Time every layer on ``provider`` (cached) and let those times set the break-even ranks."""
+def use_measured_latency(
+    prepared: Prepared, provider: str, block: int, batches: Sequence[int] = (1,)
+) -> LatencyTable:
+    """Time every layer on ``provider`` at each batch size (cached) and let those times set the
+    break-even ranks: a layer is split at most at the largest rank that is faster at every batch.
+    Returns the table of the first batch size (predictions and ``--target-latency`` use it)."""
     from .latency import measure_latency_table
 
-    table = measure_latency_table(prepared, provider=provider, block=block)
+    if not batches:
+        raise BasisPruneError("use_measured_latency needs at least one batch size")
+    tables = [measure_latency_table(prepared, provider=provider, block=block, batch=b) for b in dict.fromkeys(batches)]
     for name, layer in prepared.splittable().items():
-        layer.measured_break_even = table.break_even_rank(name)
-    return table
+        measured = [t.break_even_rank(name) for t in tables if name in t.layers]
+        if measured:
+            layer.measured_break_even = min(measured)
+    return tables[0]
 
 
 def predicted_latency_ratio(prepared: Prepared, plan: Mapping[str, Decision], table: LatencyTable) -> float:
@@ -265,12 +273,14 @@ def prune(
     target_latency: float | None = None,
     latency_aware: bool = False,
     provider: str = "cpu",
+    latency_batches: Sequence[int] = (1,),
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> PruneResult:
     """Data-free pruning: keep per layer the bases covering ``energy`` (default 0.99) of the
     squared singular values, or meet ``target_params`` / ``target_macs`` / ``target_latency``
     (fraction that remains). ``latency_aware`` (implied by ``target_latency``) times every layer
-    on ``provider`` and splits a layer only where that saves time there."""
+    on ``provider`` at each of ``latency_batches`` and splits a layer only where that saves time
+    at all of them; the prediction and ``target_latency`` use the first batch size."""
     targets = {"energy": energy, "target_params": target_params, "target_macs": target_macs, "target_latency": target_latency}
     if sum(x is not None for x in targets.values()) > 1:
         raise BasisPruneError("give one of energy, target_params, target_macs, target_latency")
@@ -279,7 +289,7 @@ def prune(
     prepared = prepare(model, input_shapes)
     table = None
     if latency_aware or target_latency is not None:
-        table = use_measured_latency(prepared, provider, ranks.block_size(provider))
+        table = use_measured_latency(prepared, provider, ranks.block_size(provider), latency_batches)
     plan = data_free_plan(prepared, energy=energy, target_params=target_params, target_macs=target_macs,
                           provider=provider, target_latency=target_latency, table=table)
     result = apply_plan(prepared, plan, in_place=True)

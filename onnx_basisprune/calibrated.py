@@ -209,7 +209,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     block = ranks.block_size(args.provider)
     table = None
     if args.latency_aware or target.kind == "latency":
-        table = use_measured_latency(prepared, args.provider, block)
+        table = use_measured_latency(prepared, args.provider, block, args.bench_batch)
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
     if target.kind == "max-drop":

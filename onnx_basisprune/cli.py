@@ -40,6 +40,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got '{text}'")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.add_argument("--report-md", metavar="R.md", help="write a Markdown report here, with PNG figures beside it (sweep, kept ranks)")
     parser.add_argument("--no-bench", action="store_true", help="skip timing the original and pruned models on onnxruntime")
-    parser.add_argument("--bench-batch", default="1,8", metavar="B,B", help="batch sizes for the before/after latency (default 1,8)")
+    parser.add_argument("--bench-batch", type=_batches, default=(1, 8), metavar="B,B", help="batch sizes for the before/after latency and for --latency-aware timings (default 1,8)")
     calib = parser.add_argument_group("calibration (the main job)")
     calib.add_argument("--calib", metavar="DATA", help="target-domain images (folder with class subfolders, or flat) or .npy/.npz arrays")
     calib.add_argument("--eval", metavar="DATA", help="separate held-out data for quality checks (default: a split of --calib)")
@@ -130,7 +140,8 @@ def run_prune(args: argparse.Namespace) -> int:
         result = decompose(model_path, shapes)
     else:
         result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs,
-                       target_latency=args.target_latency, latency_aware=args.latency_aware, provider=args.provider, input_shapes=shapes)
+                       target_latency=args.target_latency, latency_aware=args.latency_aware, provider=args.provider,
+                       latency_batches=args.bench_batch, input_shapes=shapes)
     save_model(result.model, output)
     result.extra["output"] = str(output)
     result.extra["seconds"] = round(time.perf_counter() - start, 2)
@@ -165,15 +176,11 @@ def _write_markdown(result, path: Path) -> None:
     path.write_text(markdown_report(result, figures), encoding="utf-8")
 
 
-def _latency(original: Path, pruned: Path, batches: str, shapes) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def _latency(original: Path, pruned: Path, batches: tuple[int, ...], shapes) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Time original vs pruned on every working provider (alternating runs); print the table."""
     from .bench import BenchConfig, available_providers, benchmark, format_bench
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        raise BasisPruneError(f"--bench-batch expects comma-separated integers, got '{batches}'") from None
-    config = BenchConfig(providers=tuple(available_providers()), batches=sizes, input_shapes=shapes)
+    config = BenchConfig(providers=tuple(available_providers()), batches=batches, input_shapes=shapes)
     bench = benchmark([original, pruned], config, names=["original", "pruned"])
     print()
     print(format_bench(bench))

@@ -345,6 +345,17 @@ def test_invalid_energy_is_an_argparse_error(capsys, digits, tmp_path, value):
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("value", ["a", "1,x", "0", "1,-8", ""])
+def test_invalid_bench_batch_is_an_argparse_error(capsys, digits, tmp_path, value):
+    before = _listing(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([str(digits), "--bench-batch", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(PREFIX + " argument --bench-batch")
+    assert _listing(tmp_path) == before
+
+
 def test_conflicting_targets_are_an_argparse_error(capsys, digits):
     with pytest.raises(SystemExit) as exc:
         main([str(digits), "--energy", "0.9", "--target-params", "0.5"])

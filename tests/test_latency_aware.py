@@ -29,6 +29,17 @@ def test_measured_break_even_replaces_the_cost_model():
         assert 0 <= layer.break_even_rank <= layer.full_rank
 
 
+def test_break_even_is_the_smallest_over_the_batch_sizes():
+    from onnx_basisprune.latency import measure_latency_table
+
+    prepared = prepare(MODEL)
+    first = use_measured_latency(prepared, "cpu", block_size("cpu"), batches=(1, 8))
+    assert first.batch == 1
+    eight = measure_latency_table(prepared, provider="cpu", block=block_size("cpu"), batch=8)  # cached
+    for name, layer in prepared.splittable().items():
+        assert layer.measured_break_even == min(first.break_even_rank(name), eight.break_even_rank(name))
+
+
 def test_target_latency_meets_the_predicted_budget():
     result = prune(MODEL, target_latency=0.9)
     assert result.extra["predicted_latency_ratio"] <= 0.9
