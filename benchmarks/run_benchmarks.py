@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -441,8 +442,28 @@ def verdicts(record: dict) -> list[str]:
     return out
 
 
+TRANSFER_JSON = "transfer_models.json"  # copied beside the case records from MODELS
+
+
+def transfer_markdown(models: dict) -> list[str]:
+    """How each transfer model was built (benchmarks/transfer_models.py's record)."""
+    lines = ["## Transfer models", "",
+             "Built by `.venv/bin/python benchmarks/transfer_models.py` (recipe in its docstring; seeds fixed, 2 Torch threads).", "",
+             "| model | base | input | trained layers | epochs | train images | augmentation | training time | accuracy (onnxruntime) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        r = m["recipe"]
+        held = m.get("test") or m.get("val") or {}
+        acc = f"{_pct(held.get('accuracy'))} % of {held.get('images', '?')} {'test' if 'test' in m else 'val'} images"
+        lines.append(f"| `{m['file']}` | {r.get('base', '')} | {r['resolution']} px | {r['trainable']} | "
+                     f"{r['epochs']} | {m['train_images']} | {r.get('augmentation', '')} | {m['train_time_s']:.0f} s | {acc} |")
+    return lines + [""]
+
+
 def write_results(out: Path, target: Path = RESULTS_MD) -> None:
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    if (MODELS / TRANSFER_JSON).exists():
+        shutil.copyfile(MODELS / TRANSFER_JSON, out / TRANSFER_JSON)
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != TRANSFER_JSON]
     order = {c.name: i for i, c in enumerate(cases(SHARED))}
     records.sort(key=lambda r: order.get(r["case"], len(order)))
     env = records[0]["environment"] if records else environment()
@@ -459,6 +480,8 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
         "Sweep rows are budgets of MACs (the fraction that remains); the baselines are searched to the same MACs. "
         "`size kept` is the ONNX file size ratio.", "",
     ]
+    if (out / TRANSFER_JSON).exists():
+        header += transfer_markdown(json.loads((out / TRANSFER_JSON).read_text()))
     body = [case_markdown(r) for r in records]
     target.write_text("\n".join(header) + "\n" + "\n".join(body))
 
