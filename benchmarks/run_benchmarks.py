@@ -480,6 +480,10 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
         "Sweep rows are budgets of MACs (the fraction that remains); the baselines are searched to the same MACs. "
         "`size kept` is the ONNX file size ratio.", "",
     ]
+    missing = [c for c in cases(SHARED) if c.name not in {r["case"] for r in records}]
+    if missing and target == RESULTS_MD:
+        header += ["Not measured in this results set (no record in `benchmarks/results`): "
+                   + "; ".join(f"{c.title} (`--cases {c.name}`)" for c in missing) + ".", ""]
     if (out / TRANSFER_JSON).exists():
         header += transfer_markdown(json.loads((out / TRANSFER_JSON).read_text()))
     body = [case_markdown(r) for r in records]
