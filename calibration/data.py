@@ -7,6 +7,8 @@ Sources
   each. Empty class folders keep their index. A labels file changes the mapping: a text file
   with one folder name per line (line number = class index, from 0) or a JSON object
   ``{folder: index}``. Every class folder must be named in it and every name must be a folder.
+  Labels taken from folder names are flagged (:attr:`CalibrationSet.labels_from_folders`): the
+  folders may be a domain's own classes rather than the model's (the main job then drops them).
 * **Flat image folder** (images directly inside, no class subfolders): unlabeled.
   A folder holding both top-level images and class subfolders is rejected as ambiguous.
   Images: ``.png .jpg .jpeg .bmp .webp`` (any case), any size, grey or colour, read with PIL.
@@ -382,12 +384,15 @@ class CalibrationSet:
     """
 
     def __init__(self, inputs: Mapping[str, np.ndarray] | _Samples, labels: np.ndarray | None,
-                 class_names: list[str] | None, source: str, _index: np.ndarray | None = None):
+                 class_names: list[str] | None, source: str, _index: np.ndarray | None = None,
+                 labels_from_folders: bool = False):
         self._samples: _Samples = _Arrays(inputs) if isinstance(inputs, Mapping) else inputs
         self._index = np.arange(len(self._samples)) if _index is None else np.asarray(_index, dtype=np.int64)
         self.labels = labels  # int64 (N,) or None, aligned with the samples of this set
         self.class_names = class_names  # index -> name, when known
         self.source = source  # what was loaded and how, for the report
+        # labels are the order of the sorted class folders (no labels file): maybe not the model's classes
+        self.labels_from_folders = labels is not None and labels_from_folders
         if labels is not None and len(labels) != len(self._index):
             raise CalibrationDataError(f"{len(labels)} labels for {len(self._index)} samples")
 
@@ -411,7 +416,12 @@ class CalibrationSet:
         """The samples at positions ``idx`` of this set (nothing is decoded or copied but indices)."""
         idx = np.asarray(idx, dtype=np.int64)
         labels = None if self.labels is None else self.labels[idx]
-        return CalibrationSet(self._samples, labels, self.class_names, self.source, _index=self._index[idx])
+        return CalibrationSet(self._samples, labels, self.class_names, self.source, _index=self._index[idx],
+                              labels_from_folders=self.labels_from_folders)
+
+    def without_labels(self) -> CalibrationSet:
+        """The same samples, unlabeled (nothing is decoded or copied but indices)."""
+        return CalibrationSet(self._samples, None, self.class_names, self.source, _index=self._index)
 
     def split(self, holdout: float, seed: int) -> tuple[CalibrationSet, CalibrationSet]:
         """(rest, held out): a deterministic split, stratified by label when labeled."""
@@ -527,7 +537,8 @@ def _load_folder(path: Path, specs: list[InputSpec], preprocess: Preprocess | No
     images.take(np.arange(1))  # the first image in full: decoding and preprocessing work end to end
     classes = "" if class_names is None else f", {len(class_names)} classes"
     source = f"image folder {path}: {len(chosen)} of {len(files)} images{classes} ({pre.describe()})"
-    return CalibrationSet(images, None if labels is None else labels[chosen], class_names, source)
+    return CalibrationSet(images, None if labels is None else labels[chosen], class_names, source,
+                          labels_from_folders=labels_file is None)
 
 
 def _single_input(specs: list[InputSpec], what: str) -> InputSpec:

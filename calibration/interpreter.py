@@ -853,6 +853,7 @@ class _Step:
     """One node to run, and the tensors nobody needs after it."""
 
     fn: OpFn
+    node: str
     label: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -873,7 +874,7 @@ def _plan(nodes: list[tuple[onnx.NodeProto, Attrs]], keep: set[str]) -> list[_St
         if name and name not in keep:
             release.setdefault(i, []).append(name)
     return [
-        _Step(_OPS[node.op_type], f"{node.op_type} node {node.name!r}", tuple(node.input), tuple(node.output),
+        _Step(_OPS[node.op_type], node.name, f"{node.op_type} node {node.name!r}", tuple(node.input), tuple(node.output),
               attrs, tuple(release.get(i, ())))
         for i, (node, attrs) in enumerate(nodes)
     ]
@@ -936,17 +937,36 @@ class OnnxTorchModule(torch.nn.Module):
         unknown = sorted(set(hooks) - self._names)
         if unknown:
             raise KeyError(f"hooks name tensors that are not in the graph: {unknown}")
-        env = {name: self._buffers[buffer] for name, buffer in self._constants.items()}
-        env.update(self._feed(args, named))
+        env = self.initial_env(*args, **named)
         for name, hook in hooks.items():
             if name in env:
                 env[name] = hook(env[name])
         for step in self._steps:
-            self._run(step, env, hooks)
+            self.run_step(step, env, hooks)
         return tuple(env[name] for name in self.output_names)
 
-    def _run(self, step: _Step, env: dict[str, Tensor], hooks: Mapping[str, Callable[[Tensor], Tensor]]) -> None:
-        inputs = _same_device([env[name] if name else None for name in step.inputs])
+    @property
+    def steps(self) -> tuple[_Step, ...]:
+        """The nodes in execution order (Constant nodes excluded: they are buffers)."""
+        return tuple(self._steps)
+
+    def initial_env(self, *args: Tensor, **named: Tensor) -> dict[str, Tensor]:
+        """Constants and graph inputs by ONNX name: where :meth:`run_step` starts."""
+        env = {name: self._buffers[buffer] for name, buffer in self._constants.items()}
+        env.update(self._feed(args, named))
+        return env
+
+    def run_step(self, step: _Step, env: dict[str, Tensor], hooks: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+                 replace: Mapping[int, Tensor] | None = None) -> None:
+        """Run one node on ``env`` (name -> tensor) in place: its outputs are added (through
+        ``hooks``), the tensors it was the last consumer of are dropped. ``replace`` substitutes
+        input tensors by position (a refitted weight or bias, which may be a new input)."""
+        inputs = [env[name] if name else None for name in step.inputs]
+        if replace:
+            inputs += [None] * (max(replace) + 1 - len(inputs))
+            for index, tensor in replace.items():
+                inputs[index] = tensor
+        inputs = _same_device(inputs)
         try:
             result = step.fn(step.attrs, inputs, self.opset)
         except UnsupportedModelError as error:
@@ -957,7 +977,7 @@ class OnnxTorchModule(torch.nn.Module):
                 continue
             if index >= len(results):
                 raise UnsupportedModelError(f"{step.label}: output #{index} ({name!r}) is not supported")
-            env[name] = hooks[name](results[index]) if name in hooks else results[index]
+            env[name] = hooks[name](results[index]) if hooks and name in hooks else results[index]
         for name in step.release:
             env.pop(name, None)
 

@@ -24,7 +24,7 @@ from .layers import Layer, find_layers
 from .modelio import load_model, save_model
 from .normalize import normalize
 from .rewrite import ApplyDecisionsPass, Decision
-from .shapes import ShapeTable, infer_shapes
+from .shapes import ShapeTable, infer_shapes, require_input_sizes
 from .svd import energy_rank
 
 if TYPE_CHECKING:
@@ -47,6 +47,15 @@ class Prepared:
     def splittable(self) -> dict[str, Layer]:
         return {name: layer for name, layer in self.layers.items() if layer.skip_reason is None}
 
+    def use_input_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Sizes for the model's symbolic inputs learned after :func:`prepare` (from calibration
+        data): shapes, the layers' positions and the original MACs follow; the SVDs stay."""
+        self.input_shapes = dict(input_shapes)
+        self.shapes = infer_shapes(self.model, self.input_shapes)
+        for name, fresh in find_layers(self.model, self.shapes, with_svd=False).items():
+            self.layers[name].positions, self.layers[name].skip_reason = fresh.positions, fresh.skip_reason
+        self.original = ModelCost(self.original.params, model_cost(self.model, self.shapes).macs)
+
 
 @dataclass
 class LayerReport:
@@ -60,17 +69,23 @@ class LayerReport:
     reason: str
     params: int
     pruned_params: int
-    macs: int
-    pruned_macs: int
+    macs: int | None  # None: output size unknown (symbolic input size)
+    pruned_macs: int | None
 
 
 @dataclass
 class PruneResult:
+    """The rewritten model and its costs. ``reference``: the user's model when ``model`` computes
+    the same function (a full-rank split), checked against it on saving; ``input_shapes``: the
+    input sizes the costs were counted at, where the model's own are symbolic."""
+
     model: ir.Model
     original: ModelCost
     pruned: ModelCost
     layers: list[LayerReport]
     extra: dict = field(default_factory=dict)
+    reference: ir.Model | None = None
+    input_shapes: Mapping[str, Sequence[int]] | None = None
 
     def to_proto(self) -> onnx.ModelProto:
         """A self-contained proto: tensors still read lazily from the input's external data file
@@ -79,7 +94,8 @@ class PruneResult:
         return ir.to_proto(self.model)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_model(self.model, path)
+        """Write the model atomically, once it passes :func:`.verify.verify_model`."""
+        save_model(self.model, path, self.reference, self.input_shapes)
 
     def to_json(self) -> dict:
         return {
@@ -129,7 +145,8 @@ def apply_plan(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool 
     """Rewrite the prepared model by ``plan`` and measure the result."""
     model = rewritten(prepared, plan, in_place)
     pruned = model_cost(model, infer_shapes(model, prepared.input_shapes))
-    return PruneResult(model, prepared.original, pruned, layer_reports(prepared.layers, plan))
+    return PruneResult(model, prepared.original, pruned, layer_reports(prepared.layers, plan),
+                       input_shapes=prepared.input_shapes)
 
 
 def layer_reports(layers: Mapping[str, Layer], plan: Mapping[str, Decision]) -> list[LayerReport]:
@@ -148,17 +165,20 @@ def layer_reports(layers: Mapping[str, Layer], plan: Mapping[str, Decision]) -> 
                 reason=decision.reason,
                 params=layer.params,
                 pruned_params=ranks.layer_params(layer, decision),
-                macs=layer.macs,
-                pruned_macs=ranks.layer_macs(layer, decision),
+                macs=layer.macs if layer.positions_known else None,
+                pruned_macs=ranks.layer_macs(layer, decision) if layer.positions_known else None,
             )
         )
     return reports
 
 
 def decompose(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> PruneResult:
-    """Split every splittable layer at full rank: the result computes the same function."""
+    """Split every splittable layer at full rank: the result computes the same function (checked
+    against the user's model when saved)."""
     prepared = prepare(model, input_shapes)
-    return apply_plan(prepared, ranks.full_rank_plan(prepared.layers), in_place=True)
+    result = apply_plan(prepared, ranks.full_rank_plan(prepared.layers), in_place=True)
+    result.reference = _as_ir(model)
+    return result
 
 
 def _check_fraction(name: str, value: float | None) -> None:
@@ -185,13 +205,15 @@ def data_free_plan(
                        target_latency=target_latency, table=table)
 
 
-def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, int]:
-    """(params, MACs) of the model after ``plan``, from the layer records (no rewrite needed)."""
+def plan_cost(prepared: Prepared, plan: Mapping[str, Decision]) -> tuple[int, int | None]:
+    """(params, MACs) of the model after ``plan``, from the layer records (no rewrite needed);
+    MACs None where unknown (symbolic input size)."""
     params, macs = prepared.normalised_params, prepared.original.macs
     for name, decision in plan.items():
         layer = prepared.layers[name]
         params += ranks.layer_params(layer, decision) - layer.params
-        macs += ranks.layer_macs(layer, decision) - layer.macs
+        if macs is not None:
+            macs += ranks.layer_macs(layer, decision) - layer.macs
     return params, macs
 
 
@@ -239,6 +261,8 @@ def budget_plan(
     per unit of what the budget counts (params, or MACs, also for latency), the greedy order for
     a knapsack, and cut at the lowest global threshold that fits."""
     layers = prepared.layers
+    if target_macs is not None:
+        require_input_sizes(prepared.model, prepared.input_shapes, "a MACs target")
     scores = ranks.per_unit_cost(scores, layers, "params" if target_params is not None else "macs")
     if target_latency is not None:
         label, value, total = "latency", target_latency, 1.0
@@ -309,7 +333,7 @@ class InspectRow:
     rank_99: int | None
     rank_999: int | None
     params: int
-    macs: int
+    macs: int | None  # None: output size unknown
     note: str
 
 
@@ -330,7 +354,7 @@ def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None =
                 rank_99=at(0.99),
                 rank_999=at(0.999),
                 params=layer.params,
-                macs=layer.macs,
+                macs=layer.macs if layer.positions_known else None,
                 note=layer.skip_reason or "",
             )
         )

@@ -23,12 +23,15 @@ from . import ranks
 from .api import Prepared, PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
 from .cost import ModelCost
 from .errors import BasisPruneError
-from .rewrite import META_LAYER, META_ROLE
+from .rewrite import META_LAYER, META_ROLE, Decision
 from .svd import BasisStats
-from .search import Evaluator, SweepPoint, max_drop_plan
+from .search import CONFIDENCE, Evaluator, SweepPoint, chance_problem, describe_change, drop_bound, images_to_certify, max_drop_plan, model_predictions
+from .shapes import unsized_inputs
 
-DEFAULT_CRITERION = "energy"
+DEFAULT_CRITERION = "fisher"
+DEFAULT_FIT = "sequential"
 DEFAULT_MAX_DROP = 1.0
+NEAR_PERFECT = 0.99  # the original's held-out accuracy from which the held-out part is probably training data
 
 
 def basis_gates(decomposed: ir.Model) -> dict[str, tuple[str, int]]:
@@ -74,9 +77,15 @@ def _load_data(args: argparse.Namespace, proto, num_classes: int | None):
     pre = _preprocess(specs[0], args) if len(specs) == 1 and specs[0].layout in ("NCHW", "NHWC") else None
     if pre is not None:
         print(f"preprocessing: {pre.describe()}")
-    calib = load_calibration(args.calib, specs, pre, labels_file=args.labels, num_classes=num_classes, limit=args.limit, seed=args.seed)
+
+    def load(path: str, limit: int | None = None):
+        # class folders without --labels are judged against the model by load_calibration_data, not refused here
+        classes = None if args.labels is None and Path(path).is_dir() else num_classes
+        return load_calibration(path, specs, pre, labels_file=args.labels, num_classes=classes, limit=limit, seed=args.seed)
+
+    calib = load(args.calib, args.limit)
     if args.eval:
-        heldout = load_calibration(args.eval, specs, pre, labels_file=args.labels, num_classes=num_classes, seed=args.seed)
+        heldout = load(args.eval)
     else:
         calib, heldout = calib.split(args.holdout, args.seed)
     if len(calib) == 0 or len(heldout) == 0:
@@ -123,14 +132,60 @@ class CalibrationData:
 
 
 def load_calibration_data(prepared: Prepared, args: argparse.Namespace) -> CalibrationData:
-    """Load ``--calib`` (and ``--eval``) for the model and set up the held-out evaluator."""
+    """Load ``--calib`` (and ``--eval``) for the model and set up the held-out evaluator. Labels
+    that are not the model's classes are dropped (:func:`_unlabeled_reason`), and what the
+    held-out set can promise is said before any long work (:func:`_check_heldout`)."""
     from .calibration.importance import choose_loss
 
     out_shape = prepared.shapes.get(prepared.model.graph.outputs[0])
     num_classes = out_shape[1] if out_shape is not None and len(out_shape) == 2 else None
     calib, heldout = _load_data(args, ir.to_proto(prepared.model), num_classes)
-    evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model)
+    predictions = model_predictions(prepared.model, lambda: heldout.batches(64))
+    reason = _unlabeled_reason(calib, heldout, predictions, num_classes, args)
+    if reason:
+        print(f"unlabeled: {reason}; quality is top-1 agreement with the original model, importance uses its own predictions")
+        calib, heldout = calib.without_labels(), heldout.without_labels()
+    evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model, predictions)
+    _check_heldout(evaluator, Target.from_args(args), separate=bool(args.eval))
     return CalibrationData(calib, evaluator, choose_loss(out_shape or (), calib.labels is not None), args)
+
+
+def _unlabeled_reason(calib, heldout, predictions: np.ndarray, num_classes: int | None, args: argparse.Namespace) -> str | None:
+    """Why the loaded labels are not to be used (None: they are, or there are none): ``--unlabeled``,
+    or class folders that cannot be the model's outputs, because no ``--labels`` maps them and their
+    count differs from the outputs, or the original model scores at chance level with them."""
+    if calib.labels is None and heldout.labels is None:
+        return None
+    if args.unlabeled:
+        return "--unlabeled"
+    for part in (calib, heldout):
+        if part.labels_from_folders and num_classes is not None and len(part.class_names) != num_classes:
+            return f"{len(part.class_names)} class folders, the model has {num_classes} outputs and no --labels maps them"
+    return chance_problem(predictions, heldout.labels) if heldout.labels_from_folders else None
+
+
+def _check_heldout(evaluator: Evaluator, target: Target, separate: bool) -> None:
+    """Say up front what the held-out set can promise: warn when the original is near-perfect on
+    the held-out part of ``--calib``; refuse a ``--max-drop`` that even a candidate with every
+    outcome of the original would not certify, and note one certified only for candidates that
+    lose no image."""
+    if evaluator.metric == "accuracy" and evaluator.original >= NEAR_PERFECT and not separate:
+        print(f"warning: the original model scores {evaluator.original:.4f} accuracy on the held-out part of --calib, "
+              "probably images it was trained on, where pruning looks safer than it is: use --eval with unseen images")
+    if target.kind != "max-drop":
+        return
+    n, max_drop = evaluator.n, target.value
+    needed = images_to_certify(max_drop, lost=1)
+    if evaluator.bound_floor > max_drop:
+        more = (f"that takes {images_to_certify(max_drop, lost=0)} images, {needed} to allow one lost image "
+                "(--eval DIR or a larger --holdout); else use " if needed else "use ")
+        raise BasisPruneError(
+            f"{n} held-out images cannot certify --max-drop {max_drop:g}: even a candidate with every outcome of the "
+            f"original has a {CONFIDENCE:.0%} drop bound of {evaluator.bound_floor:.2f} pt; {more}"
+            "a larger --max-drop, --target-params or --target-macs")
+    if n < needed:
+        print(f"note: {n} held-out images certify --max-drop {max_drop:g} only for candidates that lose no image "
+              f"(one lost image bounds the drop at {100 * drop_bound(1, 0, n)[1]:.2f} pt); {needed} images would allow one")
 
 
 def torch_module(model: ir.Model, data: CalibrationData):
@@ -149,6 +204,9 @@ def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mappi
     prepared = prepare(model_path, input_shapes)
     target = Target.from_args(args)
     data = load_calibration_data(prepared, args)
+    if unsized_inputs(prepared.model, prepared.input_shapes):  # symbolic input size: the data's
+        sample, _ = next(data.calib.batches(1))
+        prepared.use_input_shapes({name: x.shape for name, x in sample.items()})
     if args.double:
         from .double import double_prune
 
@@ -189,11 +247,32 @@ def basis_importance(prepared: Prepared, data: CalibrationData, verbose: bool = 
     return BasisImportance(prepared, importance)
 
 
+def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool = True):
+    """The statistics pass on the original model (input moments and output Fisher weights of
+    every refittable layer) and the builder that refits plans in graph order."""
+    from .calibration.reconstruction import LayerSite, layer_statistics
+    from .data_aware import SequentialBuilder, layer_targets
+
+    args = data.args
+    targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
+    module = torch_module(prepared.model, data)
+    sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
+    stats = layer_statistics(module, sites, data.batches(), loss=data.loss, total=data.n_batches, device=args.device,
+                             seed=args.seed, progress=verbose)
+    builder = SequentialBuilder(module, targets, stats.fisher, data.batches, args.device, args.seed, verbose)
+    return targets, stats, builder
+
+
 def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, reference: ModelCost,
                 latency_scale: float = 1.0, verbose: bool = True, time_candidates: bool = True,
                 measured: BasisImportance | None = None) -> PruneResult:
-    """Basis pruning of ``prepared`` to ``target``: importance of every basis (unless already
-    ``measured``), then the plan.
+    """Basis pruning of ``prepared`` to ``target``.
+
+    Allocation by ``--criterion``: ``fisher`` (the default) ranks the bases of the data-aware
+    split by Fisher-weighted output error (:mod:`.data_aware`); ``energy``/``taylor``/``taylor-sq``
+    rank the weight-SVD bases by the importance pass (unless already ``measured``). Fit by
+    ``--fit``: ``sequential`` (the default) refits every layer in graph order on the pruned
+    model's inputs; ``independent`` keeps the weight-SVD bases with least-squares scaling.
 
     ``reference`` is the cost of the user's original model (the targets are fractions of it),
     ``latency_scale`` the latency of ``prepared`` relative to the original (double pruning);
@@ -201,10 +280,27 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     The result is a new model; ``prepared`` is not changed (but for the layers' moments).
     """
     args = data.args
-    measured = measured or basis_importance(prepared, data, verbose)
-    importance = measured.result
     criterion = args.criterion or DEFAULT_CRITERION
-    scores = measured.scores(criterion)
+    fit = getattr(args, "fit", None) or DEFAULT_FIT
+    if criterion == "fisher" and fit != "sequential":
+        raise BasisPruneError("--criterion fisher ranks the bases of the data-aware split: it needs --fit sequential")
+    builder = None
+    if fit == "sequential":
+        targets, stats, builder = data_aware_builder(prepared, data, verbose)
+    if criterion == "fisher":
+        from .data_aware import allocation_scores
+
+        scores = allocation_scores(targets, stats.moments, stats.fisher, criterion)
+        summary = {"samples": stats.samples, "seconds": round(stats.seconds, 2), "device": stats.device, "loss": stats.loss}
+    else:
+        measured = measured or basis_importance(prepared, data, verbose)
+        scores = measured.scores(criterion)
+        importance = measured.result
+        summary = {"samples": importance.samples, "seconds": round(importance.seconds, 2), "device": importance.device,
+                   "loss": importance.loss}
+
+    def build(plan: Mapping[str, Decision]) -> dict[str, Decision]:
+        return dict(plan) if builder is None else builder.decisions(plan)
 
     block = ranks.block_size(args.provider)
     table = None
@@ -213,22 +309,23 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
     if target.kind == "max-drop":
-        floor = evaluator.original - target.value / 100.0
 
         def report(p: SweepPoint) -> None:
             print(f"  threshold {p.threshold:.3g}: params {p.params / reference.params:.3f}, MACs {p.macs / reference.macs:.3f}, "
-                  f"{evaluator.metric} {p.quality:.4f} {'ok' if p.passed else 'too low'}")
+                  f"{evaluator.metric} {p.quality:.4f} ({describe_change(p.drop, p.drop_bound)}) {'ok' if p.passed else 'over'}")
 
         if verbose:
-            print(f"searching the strongest basis pruning with {evaluator.metric} >= {floor:.4f} "
-                  f"(original {evaluator.original:.4f} - {target.value:g} pt)")
+            print(f"searching the strongest basis pruning whose {evaluator.metric} drop has a {CONFIDENCE:.0%} bound within "
+                  f"{target.value:g} pt (original {evaluator.original:.4f} on {evaluator.n} images)")
+        search_scores = ranks.per_unit_cost(scores, prepared.layers, "macs") if criterion == "fisher" else scores
         plan, sweep = max_drop_plan(
-            prepared.layers, scores, block,
-            quality=lambda p: evaluator.score(rewritten(prepared, p)),
+            prepared.layers, search_scores, block,
+            measure=lambda p: evaluator.measure(rewritten(prepared, build(p))),
             cost=lambda p: plan_cost(prepared, p),
-            floor=floor, progress=report if verbose else None,
+            max_drop=target.value, progress=report if verbose else None,
         )
     else:
+        search_scores = scores
         value = target.value
         if target.kind == "params":
             value *= reference.params / prepared.original.params
@@ -242,27 +339,59 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
                            target_latency=value if target.kind == "latency" else None)
     if sweep and time_candidates and not args.no_bench:
         sweep = time_sweep(evaluator.reference, sweep,
-                           lambda p: rewritten(prepared, ranks.threshold_plan(prepared.layers, scores, p.threshold, block)),
+                           lambda p: rewritten(prepared, build(ranks.threshold_plan(prepared.layers, search_scores, p.threshold, block))),
                            prepared.input_shapes)
-    result = apply_plan(prepared, plan)
+    final = build(plan)
+    tuning = None
+    if builder is not None and getattr(args, "tune", False):
+        final, tuning = tune_decisions(prepared, data, final, builder.module, verbose)
+    result = apply_plan(prepared, final)
     result.original = reference
     if table is not None:
         result.extra["predicted_latency_ratio"] = latency_scale * predicted_latency_ratio(prepared, plan, table)
     result.extra.update(
-        quality={"metric": evaluator.metric, "original": evaluator.original, "pruned": evaluator.score(result.model), "n": evaluator.n},
+        quality=evaluator.summary(result.model),
         calibration={
-            "samples": importance.samples,
+            **summary,
             "heldout": evaluator.n,
-            "seconds": round(importance.seconds, 2),
-            "device": importance.device,
-            "loss": importance.loss,
             "criterion": criterion,
+            "fit": fit,
+            "tuning": tuning,
             "source": data.calib.source,
         },
         importance=_importance_summary(scores, plan),
         sweep=[dataclasses.asdict(p) for p in sorted(sweep, key=lambda p: p.threshold)],
     )
     return result
+
+
+def tune_decisions(prepared: Prepared, data: CalibrationData, decisions: Mapping[str, Decision], teacher,
+                   verbose: bool = True) -> tuple[dict[str, Decision], dict]:
+    """Scaling-factor tuning of the fitted model (Torch): the basis factors and biases that make
+    its outputs match the original's on the calibration images; returns the decisions with them
+    folded in and a summary for the report."""
+    from .calibration.interpreter import OnnxTorchModule
+    from .calibration.tuning import tune
+    from .data_aware import tuning_sites, with_tuning
+
+    model = rewritten(prepared, decisions)
+    sites = tuning_sites(model, decisions)
+    if not sites:
+        return dict(decisions), {}
+    parts: dict[str, list[np.ndarray]] = {}
+    for inputs, _ in data.batches():
+        for name, array in inputs.items():
+            parts.setdefault(name, []).append(array)
+    inputs = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    args = data.args
+    result = tune(OnnxTorchModule(ir.to_proto(model)), teacher, sites, inputs, device=args.device or "cpu",
+                  seed=args.seed, progress=verbose)
+    if verbose:
+        print(f"tuning: {len(sites)} factor/bias sets, {result.steps} steps, output distance "
+              f"{result.loss_before:.4g} -> {result.loss_after:.4g} ({result.seconds:.0f} s)")
+    summary = {"parameters": int(sum(site.channels for site in sites)), "steps": result.steps,
+               "loss_before": result.loss_before, "loss_after": result.loss_after, "seconds": round(result.seconds, 2)}
+    return with_tuning(decisions, result.scales, result.biases), summary
 
 
 SWEEP_TIMING_LIMIT_BYTES = 256 << 20  # above this, timing every candidate needs too much memory

@@ -41,7 +41,8 @@ class ConsumerInput:
 
     node: str
     tensor: str
-    size: int  # D: inputs of one row
+    size: int  # D: inputs of one row (per group)
+    groups: int = 1
     kernel: tuple[int, int] | None = None
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     strides: tuple[int, int] = (1, 1)
@@ -65,14 +66,16 @@ def _conv_pads(node: ir.Node, in_shape: tuple[int, ...], kernel: tuple[int, int]
     return tuple(int(p) for p in pads) if len(pads) == 4 else None
 
 
-def _consumer_input(node: ir.Node, shapes: ShapeTable) -> ConsumerInput | None:
+def consumer_input(node: ir.Node, shapes: ShapeTable) -> ConsumerInput | None:
+    """How ``node`` reads its input, or None when it is not a 2-D Conv / Gemm / MatMul with a
+    constant weight (or its input shape or padding is unknown)."""
     weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or node.inputs[0] is None:
         return None
     x = node.inputs[0]
     if node.op_type == "Conv":
         in_shape = shapes.get(x)
-        if weight.ndim != 4 or node.attributes.get_int("group", 1) != 1 or in_shape is None:
+        if weight.ndim != 4 or in_shape is None:
             return None
         kernel = tuple(int(k) for k in weight.shape[2:])
         strides = tuple(node.attributes.get_ints("strides", [1, 1]))
@@ -80,7 +83,8 @@ def _consumer_input(node: ir.Node, shapes: ShapeTable) -> ConsumerInput | None:
         pads = _conv_pads(node, in_shape, kernel, strides, dilations)
         if pads is None:
             return None
-        return ConsumerInput(node.name, x.name, int(np.prod(weight.shape[1:])), kernel, pads, strides, dilations)
+        groups = node.attributes.get_int("group", 1)
+        return ConsumerInput(node.name, x.name, int(np.prod(weight.shape[1:])), groups, kernel, pads, strides, dilations)
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) == 0 and weight.ndim == 2:
         k = weight.shape[1] if node.attributes.get_int("transB", 0) else weight.shape[0]
         return ConsumerInput(node.name, x.name, int(k))
@@ -96,8 +100,8 @@ def refittable_consumers(model: ir.Model, analysis: ChannelAnalysis, shapes: Sha
     for node in model.graph:
         if node.name not in layer_channels or not (layer_channels[node.name][1] >= 0).any():
             continue
-        spec = _consumer_input(node, shapes)
-        if spec is not None and spec.size <= MAX_INPUTS:
+        spec = consumer_input(node, shapes)
+        if spec is not None and spec.groups == 1 and spec.size <= MAX_INPUTS:
             out[node.name] = spec
     return out
 

@@ -79,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib", metavar="DATA", help="target-domain images (folder with class subfolders, or flat) or .npy/.npz arrays")
     calib.add_argument("--eval", metavar="DATA", help="separate held-out data for quality checks (default: a split of --calib)")
     calib.add_argument("--labels", metavar="FILE", help="map class folder names to output indices (one name per line, or JSON)")
+    calib.add_argument("--unlabeled", action="store_true", help="ignore the labels of the data: quality is top-1 agreement with the original model, importance uses its own predictions (automatic when the class folders cannot be the model's outputs)")
     calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
     calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
-    calib.add_argument("--criterion", choices=("taylor", "taylor-sq", "energy"), default=None, help="basis importance: first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's), per-example squared Taylor (Molchanov 2019), or output energy s_i^2 E[b_i^2] on the calibration data (the default: it measured best, see README)")
+    calib.add_argument("--criterion", choices=("fisher", "energy", "taylor", "taylor-sq"), default=None, help="how ranks are allocated across layers: fisher (the default) ranks the bases of the data-aware split by their output error weighted by the loss's Fisher sensitivity to each output; energy, taylor, taylor-sq rank the weight-SVD bases by output energy s_i^2 E[b_i^2], first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's) or squared Taylor (Molchanov 2019)")
+    calib.add_argument("--fit", choices=("sequential", "independent"), default=None, help="sequential (the default): refit every layer in graph order on the inputs the pruned model produces, with the bases that best reproduce the original output; independent: weight-SVD bases with least-squares scaling from the original model's activations (the earlier method)")
+    calib.add_argument("--tune", action="store_true", help="after the fit, tune the kept bases' scaling factors and the refitted layers' biases (nothing else) for 300 steps so that the pruned model's outputs match the original's on the calibration images (off by default: on ResNet-56 it gave no gain on test images and took minutes)")
     calib.add_argument("--double", action="store_true", help="double pruning: remove whole channels first (Taylor importance of coupled channel groups), then bases, under the same target")
     calib.add_argument("--channel-criterion", choices=("taylor", "taylor-sq"), default=None, help="with --double: channel importance, first-order (Molchanov 2016) or per-example squared (2019) Taylor (the default: it measured best, see README)")
     calib.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
@@ -117,8 +120,8 @@ def check_output(model: Path, output: Path) -> None:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import decompose, prune
-    from .modelio import save_model
     from .report import channel_table, file_size, layer_table, summary_table, write_json
+    from .shapes import unsized_inputs
 
     model_path = Path(args.model)
     output = Path(args.output) if args.output else default_output(model_path)
@@ -134,15 +137,15 @@ def run_prune(args: argparse.Namespace) -> int:
         from .calibrated import run_main_job
 
         result = run_main_job(model_path, args, shapes)
-    elif args.eval or args.max_drop is not None or args.double:
-        raise BasisPruneError("--max-drop, --eval and --double need calibration data (--calib)")
+    elif args.eval or args.max_drop is not None or args.double or args.unlabeled:
+        raise BasisPruneError("--max-drop, --eval, --unlabeled and --double need calibration data (--calib)")
     elif args.full_rank:
         result = decompose(model_path, shapes)
     else:
         result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs,
                        target_latency=args.target_latency, latency_aware=args.latency_aware, provider=args.provider,
                        latency_batches=args.bench_batch, input_shapes=shapes)
-    save_model(result.model, output)
+    result.save(output)
     result.extra["output"] = str(output)
     result.extra["seconds"] = round(time.perf_counter() - start, 2)
     if "channels" in result.extra:
@@ -152,8 +155,12 @@ def run_prune(args: argparse.Namespace) -> int:
     print()
     print(summary_table(result, file_size(model_path), file_size(output)))
     print(f"\nwrote {output}")
-    if not args.no_bench:
-        result.extra["latency"], result.extra["latency_environment"] = _latency(model_path, output, args.bench_batch, shapes)
+    unsized = unsized_inputs(result.model, result.input_shapes)
+    if unsized:
+        print(f"MACs and latency not measured: input '{unsized[0].name}' has a symbolic size (give --input-shape)")
+    elif not args.no_bench:
+        result.extra["latency"], result.extra["latency_environment"] = _latency(model_path, output, args.bench_batch,
+                                                                                result.input_shapes)
         predicted = result.extra.get("predicted_latency_ratio")
         measured = {row["batch"]: row["ratio"] for row in result.extra["latency"].get(args.provider, [])}
         if predicted is not None and 1 in measured:

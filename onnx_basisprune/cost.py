@@ -1,4 +1,7 @@
-"""Whole-model size and compute: parameters (elements of constant tensors) and MACs at batch 1."""
+"""Whole-model size and compute: parameters (elements of constant tensors) and MACs at batch 1.
+
+MACs need the input size: a model with symbolic height/width and no ``input_shapes`` has
+``macs=None`` (unknown), never a number counted at a guessed size."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class ModelCost:
     params: int
-    macs: int
+    macs: int | None  # None: unknown at a symbolic input size
 
 
 def count_params(model: ir.Model) -> int:
@@ -48,5 +51,6 @@ def node_macs(node: ir.Node, shapes: ShapeTable) -> int:
 
 def model_cost(model: ir.Model, shapes: ShapeTable | None = None) -> ModelCost:
     shapes = shapes if shapes is not None else infer_shapes(model)
-    macs = sum(node_macs(node, shapes) for node in model.graph if node.op_type in COMPUTE_OPS and node.domain in ("", "ai.onnx"))
+    compute = [node for node in model.graph if node.op_type in COMPUTE_OPS and node.domain in ("", "ai.onnx")]
+    macs = sum(node_macs(node, shapes) for node in compute) if shapes.sized else None
     return ModelCost(params=count_params(model), macs=macs)

@@ -9,10 +9,12 @@ candidate that measures best on the held-out split.
 
 How the budget is divided, by measurement:
 
-* ``--max-drop P``: the channel stage takes the strongest channel pruning whose held-out quality
-  stays within ``share * P`` points, the basis stage then prunes within the full ``P`` (both
-  against the original model). Shares 0 (lossless channel pruning), 1/3 and 2/3 are tried, and
-  bases alone; the smallest model wins (mean of its params and MACs fractions).
+* ``--max-drop P``: both stages pass a candidate on the 95% upper bound of its held-out drop
+  against the original model (:mod:`.search`). The channel stage may let that bound reach
+  ``F + share * (P - F)`` points, ``F`` being the bound of a candidate with every outcome of the
+  original (the least any candidate that gains nothing can certify); the basis stage then prunes
+  within the full ``P``. Shares 0 (no image lost), 1/3 and 2/3 are tried, and bases alone; the
+  smallest model wins (mean of its params and MACs fractions).
 * ``--target-params F`` / ``--target-macs F`` / ``--target-latency F``: the channel stage keeps
   ``F ** share`` of the params / MACs (MACs as the latency proxy) and the basis stage meets ``F``;
   the same shares are tried, and bases alone; the best held-out quality wins.
@@ -36,7 +38,7 @@ from .channel_rewrite import remove_channels
 from .channel_select import ChannelScores, family_scores, per_unit_cost, removal_at, removal_for_budget
 from .channels import ChannelAnalysis, analyse_channels
 from .errors import BasisPruneError
-from .search import Evaluator, max_drop_search
+from .search import Evaluator, Quality, describe_change, max_drop_search
 
 SHARES = (0.0, 1 / 3, 2 / 3)
 DEFAULT_CHANNEL_CRITERION = "taylor-sq"
@@ -53,7 +55,7 @@ class ChannelStage:
     criterion: str
     samples: int
     seconds: float
-    _quality: dict[tuple[int, bytes], float] = field(default_factory=dict, repr=False)
+    _quality: dict[tuple[int, bytes], Quality] = field(default_factory=dict, repr=False)
 
     def model(self, removed: np.ndarray) -> ir.Model:
         """The original (normalised) model without the groups flagged in ``removed``, the layers
@@ -65,16 +67,16 @@ class ChannelStage:
     def cost(self, removed: np.ndarray) -> tuple[int, int]:
         return self.analysis.cost(removed)
 
-    def quality(self, removed: np.ndarray, evaluator: Evaluator) -> float:
+    def quality(self, removed: np.ndarray, evaluator: Evaluator) -> Quality:
         """Held-out quality of :meth:`model`, evaluated once per removal (the shares' searches
         visit the same candidates) and printed."""
         key = (id(evaluator), removed.tobytes())
         if key not in self._quality:
-            self._quality[key] = evaluator.score(self.model(removed))
+            q = self._quality[key] = evaluator.measure(self.model(removed))
             params, macs = self.cost(removed)
             original = self.prepared.original
             print(f"  channels: params {params / original.params:.3f}, MACs {macs / original.macs:.3f}, "
-                  f"{evaluator.metric} {self._quality[key]:.4f}")
+                  f"{evaluator.metric} {q.value:.4f} ({describe_change(q.drop, q.drop_bound)})")
         return self._quality[key]
 
 
@@ -99,14 +101,14 @@ def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
     return ChannelStage(prepared, analysis, scores, importance.moments, criterion, importance.samples, importance.seconds)
 
 
-def channels_within(stage: ChannelStage, data: CalibrationData, floor: float, block: int) -> np.ndarray:
-    """The strongest channel removal whose held-out quality stays >= ``floor``."""
+def channels_within(stage: ChannelStage, data: CalibrationData, max_drop: float, block: int) -> np.ndarray:
+    """The strongest channel removal whose held-out drop bound stays within ``max_drop`` points."""
     threshold, _ = max_drop_search(
         stage.scores.thresholds(),
         lambda t: removal_at(stage.analysis, stage.scores, t, block),
         lambda removed: removed.tobytes(),
         lambda removed: stage.quality(removed, data.evaluator),
-        stage.cost, floor,
+        stage.cost, max_drop,
     )
     if threshold is None:
         return np.zeros(len(stage.analysis.groups), dtype=bool)
@@ -160,7 +162,8 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
         if share is None:
             removed = none
         elif target.kind == "max-drop":
-            removed = channels_within(stage, data, evaluator.original - share * target.value / 100.0, block)
+            floor = evaluator.bound_floor
+            removed = channels_within(stage, data, floor + share * (target.value - floor), block)
         else:
             removed = channels_for_budget(stage, "params" if target.kind == "params" else "macs", target.value**share, block)
         if removed is None or any((r == removed).all() for r in tried):
@@ -181,8 +184,9 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
             continue
         candidate = Candidate(share, removed, result)
         candidates.append(candidate)
+        q = result.extra["quality"]
         print(f"  -> params {result.pruned.params / result.original.params:.3f}, MACs {result.pruned.macs / result.original.macs:.3f}, "
-              f"{evaluator.metric} {candidate.quality:.4f}")
+              f"{evaluator.metric} {candidate.quality:.4f} ({describe_change(q['drop'], q['drop_bound'])})")
     if not candidates:
         raise BasisPruneError(f"--double: no split of the budget reaches target {target.kind} {target.value:g}")
     if target.kind == "max-drop":

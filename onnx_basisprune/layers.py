@@ -38,7 +38,9 @@ class Layer:
     groups: int
     out_channels: int  # C_out (Conv) or N (fully connected)
     fan_in: int  # per-group columns of the weight matrix
-    positions: int  # output positions per sample: prod(spatial) for Conv, rows for Gemm/MatMul
+    # Output positions per sample: prod(spatial) for Conv, rows for Gemm/MatMul; 0 when the
+    # output size is unknown (symbolic input size): MACs are then unknown.
+    positions: int
     svd: svdlib.GroupedSVD | None = field(default=None, repr=False)
     skip_reason: str | None = None
     # Basis-output moments on calibration data; when set, kept bases get least-squares scaling.
@@ -53,6 +55,10 @@ class Layer:
     @property
     def params(self) -> int:
         return self.out_channels * self.fan_in
+
+    @property
+    def positions_known(self) -> bool:
+        return self.positions > 0
 
     @property
     def macs(self) -> int:
@@ -80,11 +86,15 @@ class Layer:
 
     @property
     def model_break_even_rank(self) -> int:
-        """The cost model's break-even rank (MACs + node overhead + intermediate traffic)."""
-        per_rank = self.positions * (
-            self.groups * self.fan_in + self.out_channels + INTERMEDIATE_MACS_PER_ELEMENT * self.groups
-        )
-        best = math.ceil((self.macs - NODE_OVERHEAD_MACS) / per_rank) - 1 if per_rank else 0
+        """The cost model's break-even rank (MACs + node overhead + intermediate traffic); where
+        the output size is unknown, the largest rank whose pair has fewer weights than the layer."""
+        saving, per_rank = self.params, self.split_params(1)
+        if self.positions_known:
+            saving = self.macs - NODE_OVERHEAD_MACS
+            per_rank = self.positions * (
+                self.groups * self.fan_in + self.out_channels + INTERMEDIATE_MACS_PER_ELEMENT * self.groups
+            )
+        best = math.ceil(saving / per_rank) - 1 if per_rank else 0
         return max(0, min(best, self.full_rank))
 
     def weight_matrices(self, weight: np.ndarray) -> np.ndarray:
@@ -172,9 +182,7 @@ def describe_node(node: ir.Node, shapes: ShapeTable) -> Layer:
         positions=positions,
         skip_reason=reason,
     )
-    if reason is None and out_shape is None:
-        layer.skip_reason = "output shape unknown (pass the input shape)"
-    elif reason is None and layer.break_even_rank < 1:
+    if reason is None and layer.break_even_rank < 1:
         layer.skip_reason = (
             "depthwise: the split can never pay off"
             if groups > 1 and fan_in == int(np.prod(wshape[2:]))

@@ -96,12 +96,14 @@ def decide(layer: Layer, order: np.ndarray | None, count: int, block: int, split
     aligned = align(count, full, block, layer.groups)
     if aligned >= full:
         return Decision("kept", f"rank {count} aligns to the full rank {full}")
+    # Without the output size the break-even rank counts weights only (Layer.model_break_even_rank).
+    note = "" if layer.positions_known else " (output size unknown: break-even by weights)"
     if aligned <= layer.break_even_rank:
-        reason = f"rank {count} of {full}" + (f", aligned to {aligned}" if aligned != count else "")
+        reason = f"rank {count} of {full}" + (f", aligned to {aligned}" if aligned != count else "") + note
         return Decision("decomposed", reason, np.sort(order[:, :aligned], axis=1))
     return Decision(
         "recomposed",
-        f"rank {count} (aligned {aligned}) above break-even {layer.break_even_rank}",
+        f"rank {count} (aligned {aligned}) above break-even {layer.break_even_rank}{note}",
         np.sort(order[:, :count], axis=1),
     )
 

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .api import InspectRow, LayerReport, PruneResult
+from .search import describe_change
 
 
-def human(n: float) -> str:
+def human(n: float | None) -> str:
+    if n is None:
+        return "unknown"
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
@@ -56,12 +59,16 @@ def summary_table(result: PruneResult, size_before: int | None = None, size_afte
     quality = result.extra.get("quality")
     if quality:
         rows.append((f"{quality['metric']} (n={quality['n']})", f"{quality['original']:.4f}", f"{quality['pruned']:.4f}",
-                     f"{(quality['pruned'] - quality['original']) * 100:+.2f} pt"))
+                     describe_change(quality["drop"], quality["drop_bound"])))
     return table(("", "original", "pruned", "ratio"), rows)
 
 
-def _ratio(after: float, before: float) -> str:
+def _ratio(after: float | None, before: float | None) -> str:
     return f"{after / before:.3f}" if before else "-"
+
+
+def _exact(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,}"
 
 
 def layer_table(layers: Sequence[LayerReport]) -> str:
@@ -121,11 +128,11 @@ def markdown_report(result: PruneResult, figures: Sequence[Path] = ()) -> str:
     lines += ["## Summary", "", "| | original | pruned | ratio |", "|---|---|---|---|"]
     for key, label in (("params", "params"), ("macs", "MACs (batch 1)")):
         a, b = data["original"][key], data["pruned"][key]
-        lines.append(f"| {label} | {a:,} | {b:,} | {b / a:.3f} |")
+        lines.append(f"| {label} | {_exact(a)} | {_exact(b)} | {_ratio(b, a)} |")
     quality = data.get("quality")
     if quality:
         lines.append(f"| {quality['metric']} (n={quality['n']}) | {quality['original']:.4f} | {quality['pruned']:.4f} | "
-                     f"{(quality['pruned'] - quality['original']) * 100:+.2f} pt |")
+                     f"{describe_change(quality['drop'], quality['drop_bound'])} |")
     latency = data.get("latency")
     if latency:
         lines += ["", "## Latency (onnxruntime, median of alternating runs)", "", "| provider | batch | original ms | pruned ms | ratio [95% CI] |", "|---|---|---|---|---|"]

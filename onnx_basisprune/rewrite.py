@@ -19,6 +19,7 @@ import onnx_ir.passes.common as common
 
 from . import svd as svdlib
 from .layers import Layer
+from .reconstruct import Factors
 
 ACTIONS = ("decomposed", "recomposed", "kept", "skipped")
 META_ROLE = "basisprune.role"
@@ -30,11 +31,16 @@ META_SINGULAR_VALUES = "basisprune.singular_values"
 
 @dataclass
 class Decision:
-    """What happens to one layer; ``keep`` holds the kept basis indices per group (groups, r)."""
+    """What happens to one layer; ``keep`` holds the kept basis indices per group (groups, r).
+
+    ``factors``, when set, are the data-aware basis/scaling pair fitted on calibration data (see
+    :mod:`.reconstruct`): a ``decomposed`` layer becomes exactly that pair, any other action
+    takes their recomposed weight and bias (a refit at the layer's own rank)."""
 
     action: str
     reason: str
     keep: np.ndarray | None = None
+    factors: Factors | None = None
 
     @property
     def rank(self) -> int | None:
@@ -103,57 +109,94 @@ def scaling_and_bias_change(layer: Layer, node: ir.Node, keep: np.ndarray) -> tu
 def add_to_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray, dtype: np.dtype) -> None:
     """Add ``delta`` to the node's bias input (creating it when absent)."""
     old = _bias_value(node)
+    beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+    set_bias(graph, node, delta if old is None else beta * old.astype(np.float64) + delta, dtype)
+
+
+def set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, dtype: np.dtype) -> None:
+    """Make ``bias`` the node's bias input (Conv B, Gemm C with beta 1), creating it when absent."""
     if node.op_type == "Gemm":
-        beta = node.attributes.get_float("beta", 1.0)
-        bias = delta if old is None else beta * old.astype(np.float64) + delta
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    else:
-        bias = delta if old is None else old.astype(np.float64) + delta
     value = new_initializer(graph, f"{node.name}.bias", np.asarray(bias).astype(dtype))
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, value)
 
 
-def _pair_weights(layer: Layer, keep: np.ndarray, scaling: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(basis weight, scaling weight) in the node layout of ``layer.op``."""
-    rank = keep.shape[1]
+def _pair_weights(layer: Layer, rows: np.ndarray, scaling: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(basis weight, scaling weight) in the node layout of ``layer.op``, from the basis filters
+    ``rows`` (groups, r, fan_in) and the scaling matrix (groups, out_g, r)."""
+    rank = rows.shape[1]
     if layer.op == "Conv":
         spatial = len(layer.weight_shape) - 2
-        basis = svdlib.basis_conv_weight(layer.svd, keep, layer.weight_shape[1:])
+        basis = rows.reshape(-1, *layer.weight_shape[1:])
         scaling = scaling.reshape(layer.out_channels, rank, *([1] * spatial))
     else:
-        basis = np.take_along_axis(layer.svd.vt, keep[:, :, None], axis=1)[0]  # (r, K)
+        basis = rows[0]  # (r, K)
         scaling = scaling[0]  # (N, r)
         if layer.op == "MatMul":
             basis, scaling = basis.T, scaling.T  # x @ V, then @ (U S)^T
     return basis.astype(dtype), scaling.astype(dtype)
 
 
-def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -> None:
-    """Replace ``node`` by its basis/scaling pair keeping the bases ``keep``."""
+def _pair(layer: Layer, node: ir.Node, decision: Decision) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(basis filters, scaling matrix, new bias or None, bias change or None) of a split."""
+    if decision.factors is not None:
+        return decision.factors.basis, decision.factors.scaling, decision.factors.bias, None
+    rows = np.take_along_axis(layer.svd.vt, decision.keep[:, :, None], axis=1)
+    scaling, bias_change = scaling_and_bias_change(layer, node, decision.keep)
+    return rows, scaling, None, bias_change
+
+
+GEMM_C_OPTIONAL_SINCE = 11  # Gemm's C input is required before this default-domain opset
+GEMM_BROADCASTS_SINCE = 7  # before it, Gemm broadcasts C only with broadcast=1
+
+
+def _default_opset(graph: ir.Graph) -> int:
+    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", GEMM_C_OPTIONAL_SINCE))
+
+
+def _gemm_c(graph: ir.Graph, c: ir.Value | None, name: str, size: int, dtype: np.dtype) -> list[ir.Value]:
+    """A new Gemm's C input: ``c``, or zeros of ``size`` where the opset requires C (before 11)."""
+    if c is None and _default_opset(graph) < GEMM_C_OPTIONAL_SINCE:
+        c = new_initializer(graph, name, np.zeros(size, dtype))
+    return [] if c is None else [c]
+
+
+def _legacy_gemm_attrs(graph: ir.Graph) -> list[ir.Attr]:
+    """``broadcast=1`` before opset 7, so a new Gemm's 1-D C broadcasts over the rows."""
+    return [ir.AttrInt64("broadcast", 1)] if _default_opset(graph) < GEMM_BROADCASTS_SINCE else []
+
+
+def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, decision: Decision) -> None:
+    """Replace ``node`` by its basis/scaling pair: the kept bases of the weight's SVD, or the
+    decision's data-aware factors."""
     dtype = node.inputs[1].const_value.numpy().dtype
-    rank = keep.shape[1]
-    scaling_m, bias_change = scaling_and_bias_change(layer, node, keep)
-    basis_w, scaling_w = _pair_weights(layer, keep, scaling_m, dtype)
+    rows, scaling_m, new_bias, bias_change = _pair(layer, node, decision)
+    rank = rows.shape[1]
+    basis_w, scaling_w = _pair_weights(layer, rows, scaling_m, dtype)
     name = node.name
     basis_w_value = new_initializer(graph, f"{name}.basis.weight", basis_w)
     scaling_w_value = new_initializer(graph, f"{name}.scaling.weight", scaling_w)
     x = node.inputs[0]
+    basis_rest: list[ir.Value] = []
     if layer.op == "Conv":
         spatial = len(layer.weight_shape) - 2
         basis_attrs = _copy_attrs(node)
         scaling_attrs = [ir.AttrInt64("group", layer.groups), ir.AttrInt64s("kernel_shape", [1] * spatial)]
         rest = list(node.inputs[2:3])
     elif layer.op == "Gemm":
-        basis_attrs = [ir.AttrInt64("transB", 1)]
+        legacy = _legacy_gemm_attrs(graph)
+        basis_attrs = [ir.AttrInt64("transB", 1), *legacy]
         beta = node.attributes.get_float("beta", 1.0)
-        scaling_attrs = [ir.AttrInt64("transB", 1), ir.AttrFloat32("beta", beta)]
-        rest = list(node.inputs[2:3])
+        scaling_attrs = [ir.AttrInt64("transB", 1), ir.AttrFloat32("beta", beta), *legacy]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        basis_rest = _gemm_c(graph, None, f"{name}.basis.bias", rank, dtype)
+        rest = _gemm_c(graph, c, f"{name}.scaling.bias", layer.out_channels, dtype)
     else:
         basis_attrs, scaling_attrs, rest = [], [], []
     basis = ir.Node(
-        "", layer.op, [x, basis_w_value], attributes=basis_attrs, name=f"{name}.basis",
+        "", layer.op, [x, basis_w_value, *basis_rest], attributes=basis_attrs, name=f"{name}.basis",
         metadata_props=_metadata(layer, "basis", rank),
     )
     basis.outputs[0].name = _unique_value_name(graph, f"{node.outputs[0].name}.basis")
@@ -163,27 +206,41 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -
     )
     if bias_change is not None:
         add_to_bias(graph, scaling, bias_change, dtype)
+    if new_bias is not None:
+        set_bias(graph, scaling, new_bias, dtype)
     ir.convenience.replace_nodes_and_values(
         graph, node, [node], [basis, scaling], list(node.outputs), list(scaling.outputs)
     )
 
 
-def recompose_node(graph: ir.Graph, node: ir.Node, layer: Layer, keep: np.ndarray) -> None:
-    """Swap ``node``'s weight for the truncated ``U_r S_r V_r^T`` (same op, same attributes)."""
-    dtype = node.inputs[1].const_value.numpy().dtype
-    scaling, bias_change = scaling_and_bias_change(layer, node, keep)
-    w = scaling @ np.take_along_axis(layer.svd.vt, keep[:, :, None], axis=1)  # (g, out_g, fan_in), y = W x
+def node_weight_layout(layer: Layer, node: ir.Node, w: np.ndarray) -> np.ndarray:
+    """Per-group matrices (g, out_g, fan_in) with ``y = W x`` as the node's weight input, for the
+    node with ``alpha`` set to 1 (Gemm)."""
     if layer.op == "Conv":
-        weight = w.reshape(layer.weight_shape)
-    elif layer.op == "MatMul":
-        weight = w[0].T
+        return w.reshape(layer.weight_shape)
+    if layer.op == "MatMul":
+        return w[0].T
+    return w[0] if node.attributes.get_int("transB", 0) else w[0].T
+
+
+def recompose_node(graph: ir.Graph, node: ir.Node, layer: Layer, decision: Decision) -> None:
+    """Swap ``node``'s weight for the truncated ``U_r S_r V_r^T``, or the recomposed data-aware
+    factors (same op, same attributes)."""
+    dtype = node.inputs[1].const_value.numpy().dtype
+    if decision.factors is not None:
+        w, new_bias, bias_change = decision.factors.weight(), decision.factors.bias, None
     else:
-        weight = w[0] if node.attributes.get_int("transB", 0) else w[0].T
+        scaling, bias_change = scaling_and_bias_change(layer, node, decision.keep)
+        w, new_bias = scaling @ np.take_along_axis(layer.svd.vt, decision.keep[:, :, None], axis=1), None
+    if layer.op == "Gemm":
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)  # alpha is folded into w
-    new_value = new_initializer(graph, f"{node.name}.weight_rank{keep.shape[1]}", weight.astype(dtype))
+    rank = decision.keep.shape[1] if decision.factors is None else decision.factors.rank
+    new_value = new_initializer(graph, f"{node.name}.weight_rank{rank}", node_weight_layout(layer, node, w).astype(dtype))
     node.replace_input_with(1, new_value)
     if bias_change is not None:
         add_to_bias(graph, node, bias_change, dtype)
+    if new_bias is not None:
+        set_bias(graph, node, new_bias, dtype)
 
 
 class ApplyDecisionsPass(ir.passes.InPlacePass):
@@ -199,13 +256,13 @@ class ApplyDecisionsPass(ir.passes.InPlacePass):
         modified = False
         for node in list(graph):
             decision = self.decisions.get(node.name)
-            if decision is None or decision.action in ("kept", "skipped"):
+            if decision is None or (decision.action in ("kept", "skipped") and decision.factors is None):
                 continue
             layer = self.layers[node.name]
             if decision.action == "decomposed":
-                split_node(graph, node, layer, decision.keep)
+                split_node(graph, node, layer, decision)
             else:
-                recompose_node(graph, node, layer, decision.keep)
+                recompose_node(graph, node, layer, decision)
             modified = True
         if modified:
             common.RemoveUnusedNodesPass()(model)
