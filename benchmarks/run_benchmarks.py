@@ -58,6 +58,12 @@ BASELINES = ("torch-pruning", "onnxsim-l2", "onnxsim-wanda")
 WANDA_LIMIT = 512
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository (``../shared/...`` for the shared assets), so records
+    do not carry the absolute paths of the machine they ran on."""
+    return os.path.relpath(path, ROOT)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -295,7 +301,7 @@ def run_case(case: Case, out: Path) -> dict:
     unseen_accuracy, unseen_n = tester.accuracy(case.model, unseen_only=True)
     record = {
         "case": case.name, "title": case.title, "notes": case.notes,
-        "model": str(case.model), "calib": str(case.calib), "test": str(case.test),
+        "model": _relative(case.model), "calib": _relative(case.calib), "test": _relative(case.test),
         "calib_limit": case.limit, "test_n": len(tester.data), "sweep_macs": list(case.sweep),
         "unseen": {"n": unseen_n, "original_accuracy": unseen_accuracy},
         **info,
