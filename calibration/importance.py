@@ -136,19 +136,37 @@ def _taylor_batches(
         return hook
 
     hooks = {name: make_hook(name, None) for name in observe} | {name: make_hook(name, axis) for name, axis in sites.items()}
+    for n in backward_passes(module, batches, hooks, loss=loss, total=total, device=device, seed=seed, progress=progress,
+                             desc="importance"):
+        yield dict(per_sample), n
+        per_sample.clear()
+
+
+def backward_passes(
+    module: OnnxTorchModule,
+    batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
+    hooks: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    *,
+    loss: str,
+    total: int | None,
+    device: str,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> Iterator[int]:
+    """For each batch: forward through ``hooks``, the summed per-sample loss, backward; yields the
+    batch size once the hooks have seen the gradients. Float inputs require grad so every
+    intermediate tensor does, while the weights stay frozen."""
     generator = torch.Generator().manual_seed(seed)
     projections: list[torch.Tensor] = []
-    for inputs, labels in tqdm(batches, total=total, desc="importance", unit="batch", disable=not progress):
-        # Float inputs require grad so every intermediate tensor does, and gradients flow
-        # through all gates while the weights stay frozen.
+    for inputs, labels in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
         feeds = {k: _leaf(v, device) for k, v in inputs.items()}
         outputs = module(**feeds, hooks=hooks)
         if loss == "projection" and not projections:
             projections = [torch.randn(_per_sample_rows(o).shape[1], generator=generator).to(device, o.dtype) for o in outputs]
         y = None if labels is None else torch.from_numpy(labels).to(device)
-        per_sample.clear()
         _per_sample_loss(outputs, loss, y, projections).backward()
-        yield dict(per_sample), next(iter(inputs.values())).shape[0]
+        yield next(iter(inputs.values())).shape[0]
 
 
 def measure_importance(

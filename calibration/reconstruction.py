@@ -30,7 +30,7 @@ from tqdm import tqdm
 from onnx_basisprune.channel_refit import ConsumerInput
 from onnx_basisprune.reconstruct import InputMoments
 
-from .importance import _input_rows, _leaf, _per_sample_loss, _per_sample_rows, default_device
+from .importance import _input_rows, backward_passes, default_device
 from .interpreter import OnnxTorchModule
 
 Batches = Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]]
@@ -179,16 +179,10 @@ def layer_statistics(
     hooks = {tensor: hook_for(tensor) for tensor in set(readers) | set(writers)}
     for p in module.parameters():
         p.requires_grad_(False)
-    projections: list[torch.Tensor] = []
     samples = 0
-    for inputs, labels in tqdm(batches, total=total, desc="statistics", unit="batch", disable=not progress):
-        feeds = {k: _leaf(v, device) for k, v in inputs.items()}
-        outputs = module(**feeds, hooks=hooks)
-        if loss == "projection" and not projections:
-            projections = [torch.randn(_per_sample_rows(o).shape[1], generator=generator).to(device, o.dtype) for o in outputs]
-        y = None if labels is None else torch.from_numpy(labels).to(device)
-        _per_sample_loss(outputs, loss, y, projections).backward()
-        samples += next(iter(inputs.values())).shape[0]
+    for n in backward_passes(module, batches, hooks, loss=loss, total=total, device=device, seed=seed, progress=progress,
+                             desc="statistics"):
+        samples += n
     if samples == 0:
         raise ValueError("no calibration samples to measure statistics on")
     moments = {name: s.result() for name, s in sums.items()}
