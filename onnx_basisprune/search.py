@@ -77,13 +77,19 @@ def images_to_certify(max_drop: float, lost: int) -> int | None:
     lo, hi = max(lost, 1) - 1, max(lost, 1)  # lo is too small or does not fit
     while not fits(hi):
         lo, hi = hi, 2 * hi
+    return last_passing(lo, hi, lambda n: not fits(n)) + 1
+
+
+def last_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
+    """The last integer in [lo, hi) that ``passes``, by bisection, for a test that holds up to
+    some point and fails after it: ``lo`` passes (or is known too small), ``hi`` fails."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
+        if passes(mid):
             lo = mid
-    return hi
+        else:
+            hi = mid
+    return lo
 
 
 def describe_change(drop: float, drop_bound: float) -> str:
@@ -244,14 +250,7 @@ def max_drop_search(
     lo, hi = 0, len(thresholds) - 1  # invariant: lo passes
     if not passes(lo):
         return None, sweep
-    if passes(hi):
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
+    lo = hi if passes(hi) else last_passing(lo, hi, passes)
     return float(thresholds[lo]), sweep
 
 
