@@ -133,7 +133,7 @@ def model_cost(model: str | os.PathLike | onnx.ModelProto) -> tuple[int, int]:
     constant tensors of the model as given, MACs = ``cost.model_cost`` of the normalised model
     with its inferred shapes (batch 1). Done without ``prepare``'s per-layer SVD analysis, which
     is slow and raises when no layer is worth splitting (a heavily pruned model)."""
-    from onnx_basisprune.api import _as_ir
+    from onnx_basisprune.prepared import as_ir as _as_ir
     from onnx_basisprune.cost import count_params
     from onnx_basisprune.cost import model_cost as graph_cost
     from onnx_basisprune.normalize import normalize

@@ -87,6 +87,7 @@ from onnx_basisprune.calibration.data import InputSpec, Preprocess, load_calibra
 
 THREADS = 2
 SEED = 0
+DEVICE = torch.device("cpu")  # --device: where the tensor-fed recipes (cifar10) train
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 WEIGHTS = "models/mobilenet_v2_imagenet.pth"
@@ -266,8 +267,8 @@ def fit_tensors(model: torch.nn.Module, params: list[torch.nn.Parameter], train_
         t_epoch = time.perf_counter()
         for s in range(steps_per_epoch):
             idx = order[s * recipe.batch_size:(s + 1) * recipe.batch_size]
-            x = normalise(crop_flip(x_all[idx], pad, gen, recipe.resolution))
-            y = y_all[idx]
+            x = normalise(crop_flip(x_all[idx], pad, gen, recipe.resolution)).to(DEVICE)
+            y = y_all[idx].to(DEVICE)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -295,7 +296,7 @@ def train_cifar10(shared: Path, recipe: Recipe, data_root: Path) -> tuple[torch.
     y_all = torch.tensor(labels)
     log(f"cifar10: {len(files)} train images, {len(classes)} classes, upscaled to {x_all.shape[-1]} "
         f"in {time.perf_counter() - t0:.0f}s")
-    model = mobilenet_v2(shared, len(classes)).to(memory_format=torch.channels_last)
+    model = mobilenet_v2(shared, len(classes)).to(DEVICE, memory_format=torch.channels_last)
     params = freeze(model, recipe.frozen_blocks)
     fitted = fit_tensors(model, params, lambda: set_train_mode(model, recipe.frozen_blocks), x_all, y_all,
                          recipe, 0 if recipe.eval_resize else recipe.resolution // 8, gen, "cifar10")
@@ -646,16 +647,37 @@ def recipe_notes(key: str, recipe: Recipe, model: torch.nn.Module, classes: list
 TRAIN = {"cifar10": train_cifar10, "hymenoptera": train_hymenoptera, "fashion-mnist": train_fashion_mnist}
 
 
-def build(key: str, shared: Path, out: Path, epochs: int | None, data_root: Path | None = None,
-          data_info: dict | None = None) -> dict:
+def trained_elsewhere(key: str, shared: Path, trained: Path) -> tuple[torch.nn.Module, dict]:
+    """A MobileNetV2 recipe trained by ``--train-only`` (on another machine): its state_dict and
+    training record from ``trained``."""
+    name = RECIPES[key].name
+    info = json.loads((trained / f"{name}.train.json").read_text())
+    model = mobilenet_v2(shared, len(info["classes"]))
+    model.load_state_dict(torch.load(trained / f"{name}.pth", map_location="cpu", weights_only=True))
+    return model, info
+
+
+def train(key: str, shared: Path, epochs: int | None, data_root: Path) -> tuple[torch.nn.Module, Recipe, dict]:
+    """Train one recipe on ``DEVICE``; the model comes back on the CPU, with the training record."""
     recipe = RECIPES[key]
     if epochs is not None:
         recipe = Recipe(**{**asdict(recipe), "epochs": epochs})
-    data_root = data_root if data_root is not None else REPO / "build" / "benchmarks" / "data"
-    folder = data_dir(key, recipe, shared, data_root)
     torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=DEVICE.type == "cuda")  # some CUDA backward ops have none
     model, info = TRAIN[key](shared, recipe, data_root)
+    info["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()
+    return model.cpu(), recipe, info
+
+
+def build(key: str, shared: Path, out: Path, epochs: int | None, data_root: Path | None = None,
+          data_info: dict | None = None, trained: Path | None = None) -> dict:
+    data_root = data_root if data_root is not None else REPO / "build" / "benchmarks" / "data"
+    if trained is None:
+        model, recipe, info = train(key, shared, epochs, data_root)
+    else:
+        model, info = trained_elsewhere(key, shared, trained)
+        recipe = Recipe(**{**asdict(RECIPES[key]), "epochs": info["epochs"]})
+    folder = data_dir(key, recipe, shared, data_root)
     path = out / f"{recipe.name}.onnx"
     tmp = out / f"{recipe.name}.onnx.tmp"  # renamed once checked: a failed run leaves no model to skip
     export(with_pad_shortcuts(model) if key == "fashion-mnist" else model, recipe.resolution, tmp)
@@ -700,9 +722,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=tuple(RECIPES), help="build just this model")
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
     parser.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    parser.add_argument("--device", default="cpu", help="train cifar10 on this Torch device (e.g. cuda; default cpu)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="with --only cifar10: train and write <name>.pth and <name>.train.json to --out, nothing else "
+                             "(for training on another machine, e.g. one with a GPU)")
+    parser.add_argument("--trained", type=Path, help="with --only cifar10: export and evaluate the model --train-only wrote here")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if (args.train_only or args.trained) and args.only != "cifar10":
+        parser.error("--train-only and --trained go with --only cifar10")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    if args.train_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        model, recipe, info = train("cifar10", args.shared.resolve(), args.epochs, args.data.resolve())
+        torch.save(model.state_dict(), args.out / f"{recipe.name}.pth")
+        info = {**info, "epochs": recipe.epochs, "torch": torch.__version__}
+        (args.out / f"{recipe.name}.train.json").write_text(json.dumps(info, indent=2) + "\n")
+        log(f"wrote {recipe.name}.pth and {recipe.name}.train.json to {args.out}")
+        return 0
     shared = args.shared.resolve()
     keys = [args.only] if args.only else list(RECIPES)
     missing = [str(p) for key in keys for p in required_assets(key, shared) if not p.exists()]
@@ -720,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists() and not args.force:
             log(f"{path} exists, skipped (--force rebuilds)")
             continue
-        record[RECIPES[key].name] = build(key, shared, args.out, args.epochs, data_root, data_info)
+        record[RECIPES[key].name] = build(key, shared, args.out, args.epochs, data_root, data_info, args.trained)
         json_path.write_text(json.dumps(record, indent=2) + "\n")  # after each model
         log(f"wrote {json_path}")
     return 0

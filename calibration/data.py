@@ -491,21 +491,31 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> No
 # --------------------------------------------------------------------------- entry point
 
 
-def load_calibration(path: str | Path, specs: list[InputSpec], preprocess: Preprocess | None = None,
+def load_calibration(path: str | Path | np.ndarray | Mapping[str, np.ndarray], specs: list[InputSpec],
+                     preprocess: Preprocess | None = None,
                      labels_file: str | Path | None = None, num_classes: int | None = None,
                      limit: int | None = None, seed: int = 0) -> CalibrationSet:
-    """Load an image folder, ``.npy`` or ``.npz`` as a :class:`CalibrationSet` for ``specs``.
+    """Load an image folder, ``.npy`` or ``.npz`` (or the caller's arrays: one array for a
+    single input, or arrays by input name with optional ``y``/``labels``, as an .npz holds them)
+    as a :class:`CalibrationSet` for ``specs``.
 
     ``limit`` keeps at most that many samples: a deterministic (``seed``) random subset,
     class-balanced when labeled; only the chosen images are ever decoded. Nothing is decoded here
     beyond the first image (see "Memory" in the module docstring): read the set with
     :meth:`CalibrationSet.batches`.
     """
+    if not specs:
+        raise CalibrationDataError("the model has no inputs")
+    if isinstance(path, np.ndarray):
+        path = {_single_input(specs, "one array").name: path}
+    if isinstance(path, Mapping):
+        if labels_file is not None:
+            raise CalibrationDataError("labels_file applies to image folders only")
+        return _load_members({k: np.asarray(v) for k, v in path.items()}, "arrays", specs, preprocess, num_classes,
+                             limit, seed)
     path = Path(path)
     if not path.exists():
         raise CalibrationDataError(f"calibration data not found: {path}")
-    if not specs:
-        raise CalibrationDataError("the model has no inputs")
     if path.is_dir():
         return _load_folder(path, specs, preprocess, labels_file, num_classes, limit, seed)
     if labels_file is not None:
@@ -714,21 +724,31 @@ def _load_npy(path: Path, specs: list[InputSpec], preprocess: Preprocess | None,
 def _load_npz(path: Path, specs: list[InputSpec], preprocess: Preprocess | None,
               num_classes: int | None, limit: int | None, seed: int) -> CalibrationSet:
     with _read_array(path) as npz:
-        arrays = {name: _npz_member(npz, name, path) for name in _npz_input_keys(npz.files, specs, path)}
         label_key = _one_of(npz.files, _Y_KEYS, path)
-        y = None if label_key is None else _npz_member(npz, label_key, path)
-    n = _common_length(arrays, path)
-    labels = None if y is None else _labels_array(y, n, num_classes, f"{path}[{label_key}]")
+        wanted = _npz_input_keys(npz.files, specs, path) + ([] if label_key is None else [label_key])
+        members = {key: _npz_member(npz, key, path) for key in wanted}  # only what feeds the model
+    return _load_members(members, str(path), specs, preprocess, num_classes, limit, seed)
+
+
+def _load_members(members: Mapping[str, np.ndarray], where: str, specs: list[InputSpec], preprocess: Preprocess | None,
+                  num_classes: int | None, limit: int | None, seed: int) -> CalibrationSet:
+    """Arrays by name (an .npz's members, or the caller's): one per input name (or ``x`` /
+    ``images`` for a single input) and optionally ``y`` / ``labels``."""
+    keys = list(members)
+    arrays = {name: members[name] for name in _npz_input_keys(keys, specs, where)}
+    label_key = _one_of(keys, _Y_KEYS, where)
+    y = None if label_key is None else np.asarray(members[label_key])
+    n = _common_length(arrays, where)
+    labels = None if y is None else _labels_array(y, n, num_classes, f"{where}[{label_key}]")
     chosen = _choose(labels, n, limit, seed)
-    # npz members cannot be memory-mapped: keep the chosen samples in memory as stored (raw),
-    # and prepare (normalise, transpose, cast) per batch.
-    raw = [(spec, arr if len(chosen) == n else arr[chosen], f"{path}[{key}]")
+    # Keep the chosen samples in memory as stored (raw), and prepare (normalise, transpose, cast) per batch.
+    raw = [(spec, arr if len(chosen) == n else arr[chosen], f"{where}[{key}]")
            for spec, (key, arr) in zip(specs, arrays.items())]
     del arrays
     samples = _RawArrays(raw, preprocess)
     samples.check(np.arange(len(chosen)))
     return CalibrationSet(samples, None if labels is None else labels[chosen], None,
-                          f"array file {path}: {len(chosen)} of {n} samples")
+                          f"{where}: {len(chosen)} of {n} samples")
 
 
 def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
@@ -738,14 +758,14 @@ def _npz_member(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
         raise CalibrationDataError(f"cannot read {path}[{key}]: {_oneline(exc)}") from exc
 
 
-def _one_of(keys: list[str], wanted: tuple[str, ...], path: Path) -> str | None:
+def _one_of(keys: list[str], wanted: tuple[str, ...], path: Path | str) -> str | None:
     found = [k for k in wanted if k in keys]
     if len(found) > 1:
         raise CalibrationDataError(f"{path} has both {found[0]!r} and {found[1]!r}; keep one")
     return found[0] if found else None
 
 
-def _npz_input_keys(keys: list[str], specs: list[InputSpec], path: Path) -> list[str]:
+def _npz_input_keys(keys: list[str], specs: list[InputSpec], path: Path | str) -> list[str]:
     """The npz keys feeding ``specs``, in spec order: one per input name, else ``x``/``images``."""
     if all(s.name in keys for s in specs):
         return [s.name for s in specs]
@@ -762,7 +782,7 @@ def _check_samples(arr: np.ndarray, where: str) -> None:
         raise CalibrationDataError(f"{where} holds no samples (shape {arr.shape})")
 
 
-def _common_length(arrays: dict[str, np.ndarray], path: Path) -> int:
+def _common_length(arrays: dict[str, np.ndarray], path: Path | str) -> int:
     for key, arr in arrays.items():
         _check_samples(arr, f"{path}[{key}]")
     lengths = {key: len(arr) for key, arr in arrays.items()}

@@ -49,10 +49,8 @@ batch dimension is a fixed number run only at that batch, with a warning.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -79,13 +77,13 @@ from onnx import helper
 
 logger = logging.getLogger(__name__)
 
-_EP_NAMES = {
+EP_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
 _DISPLAY_NAMES = {"cpu": "CPU", "cuda": "CUDA", "tensorrt": "TensorRT"}
-_ALGO_SEARCH_CHOICES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+ALGO_SEARCH_CHOICES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 _CI_TAIL = Fraction(1, 40)  # 2.5% on each side of the 95% interval
 _MIN_TIME_ROUND_FACTOR = 10  # min_time_s may add rounds up to this multiple of `rounds`
 _DEVICE_ID = 0
@@ -203,13 +201,13 @@ def available_providers() -> list[str]:
     libraries, so each one is tried: a tiny session is created and run, and
     the provider counts only if the session really uses it.
     """
-    return [name for name in _EP_NAMES if _provider_problem(name) is None]
+    return [name for name in EP_NAMES if _provider_problem(name) is None]
 
 
 @lru_cache(maxsize=None)
 def _provider_problem(provider: str) -> str | None:
     """None if ``provider`` works, else a one-line reason."""
-    ep = _EP_NAMES[provider]
+    ep = EP_NAMES[provider]
     if ep not in ort.get_available_providers():
         return f"this onnxruntime {ort.__version__} build does not include {ep}"
     if provider == "cpu":
@@ -230,7 +228,7 @@ def _probe(provider: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
         return _one_line(exc)
     used = session.get_providers()
-    return None if used[0] == _EP_NAMES[provider] else f"a session asking for {_EP_NAMES[provider]} got {used}"
+    return None if used[0] == EP_NAMES[provider] else f"a session asking for {EP_NAMES[provider]} got {used}"
 
 
 @contextlib.contextmanager
@@ -268,8 +266,8 @@ def _probe_model() -> onnx.ModelProto:
 
 
 def _require_provider(provider: str) -> None:
-    if provider not in _EP_NAMES:
-        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(_EP_NAMES)}")
+    if provider not in EP_NAMES:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(EP_NAMES)}")
     problem = _provider_problem(provider)
     if problem is not None:
         raise ValueError(f"{_DISPLAY_NAMES[provider]} execution provider is not available: {problem}")
@@ -293,15 +291,15 @@ def _session_options(threads: int) -> ort.SessionOptions:
 def _provider_list(
     provider: str, cudnn_conv_algo_search: str, trt_cache_dir: str | None
 ) -> list[str | tuple[str, dict[str, str]]]:
-    cuda = (_EP_NAMES["cuda"], {"device_id": str(_DEVICE_ID), "cudnn_conv_algo_search": cudnn_conv_algo_search})
+    cuda = (EP_NAMES["cuda"], {"device_id": str(_DEVICE_ID), "cudnn_conv_algo_search": cudnn_conv_algo_search})
     if provider == "cuda":
-        return [cuda, _EP_NAMES["cpu"]]
+        return [cuda, EP_NAMES["cpu"]]
     if provider == "tensorrt":
         trt_options = {"device_id": str(_DEVICE_ID)}
         if trt_cache_dir is not None:
             trt_options |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": trt_cache_dir}
-        return [(_EP_NAMES["tensorrt"], trt_options), cuda, _EP_NAMES["cpu"]]
-    return [_EP_NAMES["cpu"]]
+        return [(EP_NAMES["tensorrt"], trt_options), cuda, EP_NAMES["cpu"]]
+    return [EP_NAMES["cpu"]]
 
 
 def _new_session(
@@ -335,7 +333,7 @@ def _placement_warning(model: str, session: ort.InferenceSession, provider: str)
     if not hasattr(session, "get_provider_graph_assignment_info"):
         return f"{model}: cannot check node placement, onnxruntime {ort.__version__} lacks EP assignment info"
     placed = _placement(session)
-    wanted = _EP_NAMES[provider]
+    wanted = EP_NAMES[provider]
     total = sum(sum(ops.values()) for ops in placed.values())
     elsewhere = {ep: ops for ep, ops in placed.items() if ep != wanted and ops}
     if not elsewhere:
@@ -345,7 +343,7 @@ def _placement_warning(model: str, session: ort.InferenceSession, provider: str)
         f"{ep}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())) for ep, ops in sorted(elsewhere.items())
     )
     note = ""
-    if _EP_NAMES["cpu"] in elsewhere:
+    if EP_NAMES["cpu"] in elsewhere:
         note = " (onnxruntime keeps small shape ops on the CPU on purpose; other ops there cost host-device copies)"
     return f"{model}: {moved} of {total} nodes are not on {wanted}: {detail}{note}"
 
@@ -719,9 +717,9 @@ def _check_config(config: BenchConfig) -> None:
         raise ValueError(f"threads must be positive, got {config.threads}")
     if config.rounds < 1 or config.warmup < 0 or config.min_time_s < 0:
         raise ValueError("rounds must be >= 1, warmup >= 0 and min_time_s >= 0")
-    if config.cudnn_conv_algo_search not in _ALGO_SEARCH_CHOICES:
+    if config.cudnn_conv_algo_search not in ALGO_SEARCH_CHOICES:
         raise ValueError(
-            f"cudnn_conv_algo_search must be one of {', '.join(_ALGO_SEARCH_CHOICES)}, "
+            f"cudnn_conv_algo_search must be one of {', '.join(ALGO_SEARCH_CHOICES)}, "
             f"got {config.cudnn_conv_algo_search!r}"
         )
 
@@ -769,7 +767,7 @@ def _open_sessions(plan: _Plan, provider: str, trt_cache_dir: str | None) -> lis
             )
         except Exception as exc:  # noqa: BLE001 - report any onnxruntime load failure in one line
             raise ValueError(f"onnxruntime cannot load {model.name} on {provider}: {_one_line(exc)}") from None
-        if session.get_providers()[0] != _EP_NAMES[provider]:
+        if session.get_providers()[0] != EP_NAMES[provider]:
             raise ValueError(
                 f"{_DISPLAY_NAMES[provider]} execution provider is not available: "
                 f"session for {model.name} got {session.get_providers()}"
@@ -866,99 +864,3 @@ def format_bench(result: BenchResult) -> str:
     warnings = list(dict.fromkeys(w for case in result.cases for w in case.warnings))
     lines.extend(f"warning: {w}" for w in warnings)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _providers_arg(text: str) -> tuple[str, ...]:
-    providers = tuple(p.lower() for p in _csv(text))
-    unknown = [p for p in providers if p not in _EP_NAMES]
-    if not providers or unknown:
-        raise argparse.ArgumentTypeError(f"providers must be a comma list of {', '.join(_EP_NAMES)}, got {text!r}")
-    return providers
-
-
-def _batches_arg(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(p) for p in _csv(text))
-    except ValueError:
-        batches = ()
-    if not batches or any(b < 1 for b in batches):
-        raise argparse.ArgumentTypeError(f"batch must be a comma list of positive integers, got {text!r}")
-    return batches
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _input_shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
-    name, sep, dims = text.rpartition("=")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not sep or not name or not shape or any(d < 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"input shape must look like name=1x3x224x224, got {text!r}")
-    return name, shape
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``onnx-basisprune bench MODEL.onnx [MODEL.onnx ...]`` (models included)."""
-    defaults = BenchConfig()
-    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL.onnx",
-                        help="models to compare; ratios are relative to the first")
-    parser.add_argument("--providers", type=_providers_arg, default=defaults.providers,
-                        help="comma list of cpu, cuda, tensorrt (default: cpu)")
-    parser.add_argument("--batch", dest="batches", type=_batches_arg, default=defaults.batches,
-                        help="comma list of batch sizes (default: 1,8)")
-    parser.add_argument("--threads", type=_positive_int, default=defaults.threads,
-                        help="intra-op threads (default: physical cores)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up runs per model")
-    parser.add_argument("--rounds", type=_positive_int, default=defaults.rounds, help="timed runs per model")
-    parser.add_argument("--min-time", dest="min_time_s", type=float, default=defaults.min_time_s,
-                        help="add rounds until each model ran this many seconds (at most 10x rounds)")
-    parser.add_argument("--cudnn-algo-search", dest="cudnn_conv_algo_search", choices=_ALGO_SEARCH_CHOICES,
-                        default=defaults.cudnn_conv_algo_search, help="cuDNN convolution algorithm search")
-    parser.add_argument("--input-shape", dest="input_shapes", type=_input_shape_arg, action="append",
-                        metavar="NAME=1x3x224x224", help="shape for an input with symbolic dims (repeatable)")
-    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT.json", help="also write the result as JSON")
-
-
-def _config_from_args(args: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(
-        providers=tuple(args.providers),
-        batches=tuple(args.batches),
-        threads=args.threads,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        min_time_s=args.min_time_s,
-        cudnn_conv_algo_search=args.cudnn_conv_algo_search,
-        input_shapes=dict(args.input_shapes) if args.input_shapes else None,
-    )
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    """Run ``bench``: print the table, write JSON if asked.  0 on success, 2 on a ValueError (printed)."""
-    try:
-        result = benchmark(args.models, _config_from_args(args))
-    except ValueError as exc:
-        print(f"onnx-basisprune bench: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_bench(result))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        print(f"wrote {args.json_out}")
-    return 0

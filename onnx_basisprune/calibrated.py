@@ -10,28 +10,36 @@ imports it lazily: ``import onnx_basisprune`` never imports torch.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from . import ranks
-from .api import Prepared, PruneResult, apply_plan, budget_plan, plan_cost, predicted_latency_ratio, prepare, rewritten, use_measured_latency
+from .config import DataSource, Preprocessing, PruneConfig, Target
+from .plans import budget_plan, predicted_latency_ratio, use_measured_latency
+from .prepared import Prepared, PruneResult, apply_plan, plan_cost, rewritten
 from .cost import ModelCost
 from .errors import BasisPruneError
 from .rewrite import META_LAYER, META_ROLE, Decision
 from .svd import BasisStats
-from .search import CONFIDENCE, Evaluator, SweepPoint, chance_problem, describe_change, drop_bound, images_to_certify, max_drop_plan, model_predictions
-from .shapes import unsized_inputs
 
-DEFAULT_CRITERION = "fisher"
-DEFAULT_FIT = "sequential"
-DEFAULT_MAX_DROP = 1.0
-NEAR_PERFECT = 0.99  # the original's held-out accuracy from which the held-out part is probably training data
+if TYPE_CHECKING:
+    from .latency import LatencyTable
+from .shapes import unsized_inputs
+from .speed_check import check_speed
+from .search import CONFIDENCE, Evaluator, SweepPoint, chance_problem, describe_change, drop_bound, images_to_certify, max_drop_plan, model_predictions
+
+NEAR_PERFECT = 0.99
+# Images the sequential fit walks the graph with (a seeded random subset of the calibration part):
+# each layer's moments use about 16 sampled rows per input dimension, which a few hundred images
+# give many times over; more images only cost time, and memory (the fit holds the graph frontier
+# of its images twice). The statistics pass (Fisher weights, original moments) uses every image.
+FIT_SAMPLES = 512  # the original's held-out accuracy from which the held-out part is probably training data
 
 
 def basis_gates(decomposed: ir.Model) -> dict[str, tuple[str, int]]:
@@ -55,83 +63,71 @@ def layer_scores(importance: Mapping[str, np.ndarray], groups: Mapping[str, int]
     return out
 
 
-def _preprocess(spec, args: argparse.Namespace):
+def _preprocess(spec, overrides: Preprocessing):
     from .calibration.data import Preprocess
 
     pre = Preprocess.default_for(spec)
-    overrides = {
-        "resize": args.resize,
-        "crop": (args.crop, args.crop) if args.crop else None,
-        "scale": args.scale,
-        "mean": args.mean,
-        "std": args.std,
-        "bgr": True if args.bgr else None,
+    fields = {
+        "resize": overrides.resize,
+        "crop": (overrides.crop, overrides.crop) if overrides.crop else None,
+        "scale": overrides.scale,
+        "mean": overrides.mean,
+        "std": overrides.std,
+        "bgr": True if overrides.bgr else None,
     }
-    return dataclasses.replace(pre, **{k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(pre, **{k: v for k, v in fields.items() if v is not None})
 
 
-def _load_data(args: argparse.Namespace, proto, num_classes: int | None):
+def _is_folder(source: DataSource) -> bool:
+    return isinstance(source, (str, Path)) and Path(source).is_dir()
+
+
+def _load_data(config: PruneConfig, proto, num_classes: int | None):
     from .calibration.data import InputSpec, load_calibration
 
     specs = InputSpec.from_model(proto)
-    pre = _preprocess(specs[0], args) if len(specs) == 1 and specs[0].layout in ("NCHW", "NHWC") else None
-    if pre is not None:
+    pre = _preprocess(specs[0], config.preprocessing) if len(specs) == 1 and specs[0].layout in ("NCHW", "NHWC") else None
+    if pre is not None and config.progress:
         print(f"preprocessing: {pre.describe()}")
 
-    def load(path: str, limit: int | None = None):
-        # class folders without --labels are judged against the model by load_calibration_data, not refused here
-        classes = None if args.labels is None and Path(path).is_dir() else num_classes
-        return load_calibration(path, specs, pre, labels_file=args.labels, num_classes=classes, limit=limit, seed=args.seed)
+    def load(source: DataSource, limit: int | None = None):
+        # class folders without labels are judged against the model by load_calibration_data, not refused here
+        classes = None if config.labels is None and _is_folder(source) else num_classes
+        return load_calibration(source, specs, pre, labels_file=config.labels, num_classes=classes, limit=limit,
+                                seed=config.seed)
 
-    calib = load(args.calib, args.limit)
-    if args.eval:
-        heldout = load(args.eval)
+    calib = load(config.calib, config.limit)
+    if config.eval is not None:
+        heldout = load(config.eval)
     else:
-        calib, heldout = calib.split(args.holdout, args.seed)
+        calib, heldout = calib.split(config.holdout, config.seed)
     if len(calib) == 0 or len(heldout) == 0:
-        raise BasisPruneError(f"{args.calib}: too few samples to split into importance and held-out parts")
-    print(f"calibration: {len(calib)} samples for importance, {len(heldout)} held out ({calib.source})")
+        raise BasisPruneError(f"{calib.source}: too few samples to split into importance and held-out parts")
+    if config.progress:
+        print(f"calibration: {len(calib)} samples for importance, {len(heldout)} held out ({calib.source})")
     return calib, heldout
 
 
 @dataclass(frozen=True)
-class Target:
-    """What the pruning aims at: ``max-drop`` (points of held-out quality), or the fraction of the
-    original model's ``params``, ``macs`` or ``latency`` that remains."""
-
-    kind: str
-    value: float
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Target:
-        for kind, value in (("params", args.target_params), ("macs", args.target_macs), ("latency", args.target_latency)):
-            if value is not None:
-                return cls(kind, value)
-        max_drop = DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop
-        if max_drop < 0:
-            raise BasisPruneError(f"--max-drop must be >= 0, got {max_drop}")
-        return cls("max-drop", max_drop)
-
-
-@dataclass
 class CalibrationData:
     """What every pruning stage measures with: the importance samples, the held-out evaluator
-    (whose reference is the user's original model, whatever stage runs) and the loss."""
+    (whose reference is the user's original model, whatever stage runs), the loss and the run's
+    options."""
 
     calib: object  # calibration.data.CalibrationSet
     evaluator: Evaluator
     loss: str
-    args: argparse.Namespace
+    config: PruneConfig
 
     def batches(self):
-        return self.calib.batches(self.args.batch_size)
+        return self.calib.batches(self.config.batch_size)
 
     @property
     def n_batches(self) -> int:
-        return -(-len(self.calib) // self.args.batch_size)
+        return -(-len(self.calib) // self.config.batch_size)
 
 
-def load_calibration_data(prepared: Prepared, args: argparse.Namespace) -> CalibrationData:
+def load_calibration_data(prepared: Prepared, config: PruneConfig) -> CalibrationData:
     """Load ``--calib`` (and ``--eval``) for the model and set up the held-out evaluator. Labels
     that are not the model's classes are dropped (:func:`_unlabeled_reason`), and what the
     held-out set can promise is said before any long work (:func:`_check_heldout`)."""
@@ -139,24 +135,24 @@ def load_calibration_data(prepared: Prepared, args: argparse.Namespace) -> Calib
 
     out_shape = prepared.shapes.get(prepared.model.graph.outputs[0])
     num_classes = out_shape[1] if out_shape is not None and len(out_shape) == 2 else None
-    calib, heldout = _load_data(args, ir.to_proto(prepared.model), num_classes)
+    calib, heldout = _load_data(config, ir.to_proto(prepared.model), num_classes)
     predictions = model_predictions(prepared.model, lambda: heldout.batches(64))
-    reason = _unlabeled_reason(calib, heldout, predictions, num_classes, args)
+    reason = _unlabeled_reason(calib, heldout, predictions, num_classes, config.unlabeled)
     if reason:
         print(f"unlabeled: {reason}; quality is top-1 agreement with the original model, importance uses its own predictions")
         calib, heldout = calib.without_labels(), heldout.without_labels()
     evaluator = Evaluator(lambda: heldout.batches(64), heldout.labels, prepared.model, predictions)
-    _check_heldout(evaluator, Target.from_args(args), separate=bool(args.eval))
-    return CalibrationData(calib, evaluator, choose_loss(out_shape or (), calib.labels is not None), args)
+    _check_heldout(evaluator, config.target(), separate=config.eval is not None)
+    return CalibrationData(calib, evaluator, choose_loss(out_shape or (), calib.labels is not None), config)
 
 
-def _unlabeled_reason(calib, heldout, predictions: np.ndarray, num_classes: int | None, args: argparse.Namespace) -> str | None:
+def _unlabeled_reason(calib, heldout, predictions: np.ndarray, num_classes: int | None, forced: bool) -> str | None:
     """Why the loaded labels are not to be used (None: they are, or there are none): ``--unlabeled``,
     or class folders that cannot be the model's outputs, because no ``--labels`` maps them and their
     count differs from the outputs, or the original model scores at chance level with them."""
     if calib.labels is None and heldout.labels is None:
         return None
-    if args.unlabeled:
+    if forced:
         return "--unlabeled"
     for part in (calib, heldout):
         if part.labels_from_folders and num_classes is not None and len(part.class_names) != num_classes:
@@ -195,30 +191,16 @@ def torch_module(model: ir.Model, data: CalibrationData):
 
     proto = ir.to_proto(model)
     module = OnnxTorchModule(proto)
-    first_inputs, _ = next(data.calib.batches(min(data.args.batch_size, len(data.calib))))
+    first_inputs, _ = next(data.calib.batches(min(data.config.batch_size, len(data.calib))))
     check_against_onnxruntime(module, proto, first_inputs)
     return module
 
 
-def run_main_job(model_path: Path, args: argparse.Namespace, input_shapes: Mapping[str, Sequence[int]] | None) -> PruneResult:
-    prepared = prepare(model_path, input_shapes)
-    target = Target.from_args(args)
-    data = load_calibration_data(prepared, args)
-    if unsized_inputs(prepared.model, prepared.input_shapes):  # symbolic input size: the data's
-        sample, _ = next(data.calib.batches(1))
-        prepared.use_input_shapes({name: x.shape for name, x in sample.items()})
-    if args.double:
-        from .double import double_prune
-
-        return double_prune(prepared, data, target)
-    return basis_stage(prepared, data, target, prepared.original)
-
-
-@dataclass
+@dataclass(frozen=True)
 class BasisImportance:
     """What the importance pass measured on the decomposed model: Taylor statistics of every
-    basis scaling factor and the basis-output moments (also set on the layers, for the
-    least-squares scaling)."""
+    basis scaling factor and the basis-output moments; ``prepared`` is the preparation whose
+    layers carry those moments (for the least-squares scaling)."""
 
     prepared: Prepared
     result: object  # calibration.importance.ImportanceResult
@@ -236,15 +218,14 @@ def basis_importance(prepared: Prepared, data: CalibrationData, verbose: bool = 
     """Decompose at full rank and measure every basis on the calibration data (Torch)."""
     from .calibration.importance import Gate, measure_importance
 
-    args = data.args
+    config = data.config
     decomposed = rewritten(prepared, ranks.full_rank_plan(prepared.layers))
     module = torch_module(decomposed, data)
     gates = {name: Gate(tensor, axis, prepared.layers[name].groups) for name, (tensor, axis) in basis_gates(decomposed).items()}
-    importance = measure_importance(module, gates, data.batches(), loss=data.loss, total=data.n_batches, device=args.device,
-                                    seed=args.seed, progress=verbose)
-    for name in importance.second:
-        prepared.layers[name].stats = BasisStats(importance.second[name], importance.mean[name])
-    return BasisImportance(prepared, importance)
+    importance = measure_importance(module, gates, data.batches(), loss=data.loss, total=data.n_batches, device=config.device,
+                                    seed=config.seed, progress=verbose)
+    stats = {name: BasisStats(importance.second[name], importance.mean[name]) for name in importance.second}
+    return BasisImportance(prepared.with_layer_values("stats", stats), importance)
 
 
 def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool = True):
@@ -253,18 +234,23 @@ def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool 
     from .calibration.reconstruction import LayerSite, layer_statistics
     from .data_aware import SequentialBuilder, layer_targets
 
-    args = data.args
+    config = data.config
     targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
     module = torch_module(prepared.model, data)
     sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
-    stats = layer_statistics(module, sites, data.batches(), loss=data.loss, total=data.n_batches, device=args.device,
-                             seed=args.seed, progress=verbose)
-    builder = SequentialBuilder(module, targets, stats.fisher, data.batches, args.device, args.seed, verbose)
+    stats = layer_statistics(module, sites, data.batches(), loss=data.loss, total=data.n_batches, device=config.device,
+                             seed=config.seed, progress=verbose)
+    fit_set = data.calib
+    if len(fit_set) > FIT_SAMPLES:
+        chosen = np.random.default_rng(config.seed).choice(len(fit_set), FIT_SAMPLES, replace=False)
+        fit_set = fit_set.subset(np.sort(chosen))
+    builder = SequentialBuilder(module, targets, stats.fisher, lambda: fit_set.batches(config.batch_size), config.device,
+                                config.seed, verbose)
     return targets, stats, builder
 
 
 def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, reference: ModelCost,
-                latency_scale: float = 1.0, verbose: bool = True, time_candidates: bool = True,
+                latency_scale: float = 1.0, verbose: bool = True, final: bool = True,
                 measured: BasisImportance | None = None) -> PruneResult:
     """Basis pruning of ``prepared`` to ``target``.
 
@@ -276,14 +262,12 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
 
     ``reference`` is the cost of the user's original model (the targets are fractions of it),
     ``latency_scale`` the latency of ``prepared`` relative to the original (double pruning);
-    ``time_candidates`` times every model the quality search evaluated (unless ``--no-bench``).
-    The result is a new model; ``prepared`` is not changed (but for the layers' moments).
+    A ``final`` stage (not a candidate of double pruning) times every model the quality search
+    evaluated and checks the result's speed against the original (:mod:`.speed_check`), as the
+    config asks. The result is a new model; ``prepared`` is not changed.
     """
-    args = data.args
-    criterion = args.criterion or DEFAULT_CRITERION
-    fit = getattr(args, "fit", None) or DEFAULT_FIT
-    if criterion == "fisher" and fit != "sequential":
-        raise BasisPruneError("--criterion fisher ranks the bases of the data-aware split: it needs --fit sequential")
+    config = data.config
+    criterion, fit = config.allocation, config.fit
     builder = None
     if fit == "sequential":
         targets, stats, builder = data_aware_builder(prepared, data, verbose)
@@ -294,6 +278,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         summary = {"samples": stats.samples, "seconds": round(stats.seconds, 2), "device": stats.device, "loss": stats.loss}
     else:
         measured = measured or basis_importance(prepared, data, verbose)
+        prepared = measured.prepared  # the layers with their basis-output moments
         scores = measured.scores(criterion)
         importance = measured.result
         summary = {"samples": importance.samples, "seconds": round(importance.seconds, 2), "device": importance.device,
@@ -302,10 +287,8 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     def build(plan: Mapping[str, Decision]) -> dict[str, Decision]:
         return dict(plan) if builder is None else builder.decisions(plan)
 
-    block = ranks.block_size(args.provider)
-    table = None
-    if args.latency_aware or target.kind == "latency":
-        table = use_measured_latency(prepared, args.provider, block, args.bench_batch)
+    block = ranks.block_size(config.provider)
+    prepared, table = _measured_latency(prepared, config, target, block, verbose)
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
     if target.kind == "max-drop":
@@ -337,32 +320,67 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
                            target_params=value if target.kind == "params" else None,
                            target_macs=value if target.kind == "macs" else None,
                            target_latency=value if target.kind == "latency" else None)
-    if sweep and time_candidates and not args.no_bench:
+    if sweep and final and config.time_candidates:
         sweep = time_sweep(evaluator.reference, sweep,
                            lambda p: rewritten(prepared, build(ranks.threshold_plan(prepared.layers, search_scores, p.threshold, block))),
                            prepared.input_shapes)
-    final = build(plan)
+    decisions = build(plan)
     tuning = None
-    if builder is not None and getattr(args, "tune", False):
-        final, tuning = tune_decisions(prepared, data, final, builder.module, verbose)
-    result = apply_plan(prepared, final)
-    result.original = reference
-    if table is not None:
-        result.extra["predicted_latency_ratio"] = latency_scale * predicted_latency_ratio(prepared, plan, table)
-    result.extra.update(
+    if builder is not None and config.tune:
+        decisions, tuning = tune_decisions(prepared, data, decisions, builder.module, verbose)
+    model = None
+    speed = None
+    if final and config.check_speed and not unsized_inputs(prepared.model, prepared.input_shapes):
+        decisions, model, speed = check_speed(
+            evaluator.reference, decisions, lambda d: apply_plan(prepared, d).model, _savings(prepared, decisions, table),
+            config.provider, config.latency_batches, prepared.input_shapes, may_recompose=target.kind in ("max-drop", "latency"),
+            progress=verbose)
+        if verbose:
+            print(speed.describe())
+    result = apply_plan(prepared, decisions, model=model)
+    return dataclasses.replace(
+        result,
+        speed_check=speed,
+        original=reference,
+        predicted_latency_ratio=None if table is None else latency_scale * predicted_latency_ratio(prepared, plan, table),
         quality=evaluator.summary(result.model),
-        calibration={
-            **summary,
-            "heldout": evaluator.n,
-            "criterion": criterion,
-            "fit": fit,
-            "tuning": tuning,
-            "source": data.calib.source,
-        },
+        calibration={**summary, "heldout": evaluator.n, "criterion": criterion, "fit": fit, "tuning": tuning,
+                     "source": data.calib.source},
         importance=_importance_summary(scores, plan),
-        sweep=[dataclasses.asdict(p) for p in sorted(sweep, key=lambda p: p.threshold)],
+        sweep=sorted(sweep, key=lambda p: p.threshold),
     )
-    return result
+
+
+def _measured_latency(prepared: Prepared, config: PruneConfig, target: Target, block: int,
+                      verbose: bool) -> tuple[Prepared, LatencyTable | None]:
+    """The preparation with break-even ranks measured on the provider, and the timings, when
+    ``config.measures_latency``; where timing is impossible and was not asked for explicitly
+    (symbolic input size, provider missing), the cost model's ranks with a note."""
+    if not config.measures_latency(target):
+        return prepared, None
+    try:
+        return use_measured_latency(prepared, config.provider, block, config.latency_batches)
+    except (BasisPruneError, ValueError) as exc:
+        if config.latency_aware or target.kind == "latency":
+            raise
+        if verbose:
+            print(f"note: layers not timed ({str(exc).splitlines()[0]}); break-even ranks from the cost model")
+        return prepared, None
+
+
+def _savings(prepared: Prepared, decisions: Mapping[str, Decision], table: LatencyTable | None) -> dict[str, float]:
+    """What each split layer saves: measured ms where timed, else cost-model MACs (the speed
+    check recomposes the smallest first)."""
+    out = {}
+    for name, d in decisions.items():
+        if d.action != "decomposed":
+            continue
+        layer = prepared.layers[name]
+        if table is not None and name in table.layers:
+            out[name] = table.layers[name].original_ms - table.layer_ms(name, d.rank)
+        else:
+            out[name] = float(layer.macs - layer.split_cost(d.rank))
+    return out
 
 
 def tune_decisions(prepared: Prepared, data: CalibrationData, decisions: Mapping[str, Decision], teacher,
@@ -383,9 +401,8 @@ def tune_decisions(prepared: Prepared, data: CalibrationData, decisions: Mapping
         for name, array in inputs.items():
             parts.setdefault(name, []).append(array)
     inputs = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-    args = data.args
-    result = tune(OnnxTorchModule(ir.to_proto(model)), teacher, sites, inputs, device=args.device or "cpu",
-                  seed=args.seed, progress=verbose)
+    result = tune(OnnxTorchModule(ir.to_proto(model)), teacher, sites, inputs, device=data.config.device or "cpu",
+                  seed=data.config.seed, progress=verbose)
     if verbose:
         print(f"tuning: {len(sites)} factor/bias sets, {result.steps} steps, output distance "
               f"{result.loss_before:.4g} -> {result.loss_after:.4g} ({result.seconds:.0f} s)")

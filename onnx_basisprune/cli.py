@@ -10,6 +10,7 @@ Errors in the user's input print one line and exit with code 2; nothing is writt
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,17 +18,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .config import CHANNEL_CRITERIA, CRITERIA, FITS, Preprocessing, PruneConfig
 from .errors import BasisPruneError
 
 PROG = "onnx-basisprune"
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
     try:
-        name, dims = text.split("=", 1)
-        return name, tuple(int(d) for d in dims.lower().split("x"))
+        shape = tuple(int(d) for d in dims.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224, got '{text}'") from None
+        shape = ()
+    if not sep or not name or not shape or any(d < 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224, got '{text}'")
+    return name, shape
 
 
 def _fraction(text: str) -> float:
@@ -40,14 +49,33 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
 def _batches(text: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(b) for b in text.split(","))
+        sizes = tuple(int(b) for b in _csv(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+        sizes = ()
     if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes >= 1, got '{text}'")
     return sizes
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    from .bench import EP_NAMES
+
+    providers = tuple(p.lower() for p in _csv(text))
+    if not providers or any(p not in EP_NAMES for p in providers):
+        raise argparse.ArgumentTypeError(f"providers must be a comma list of {', '.join(EP_NAMES)}, got '{text}'")
+    return providers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--unlabeled", action="store_true", help="ignore the labels of the data: quality is top-1 agreement with the original model, importance uses its own predictions (automatic when the class folders cannot be the model's outputs)")
     calib.add_argument("--holdout", type=_fraction, default=0.3, help="fraction of --calib kept back for quality checks (default 0.3)")
     calib.add_argument("--limit", type=int, help="use at most this many calibration samples")
-    calib.add_argument("--criterion", choices=("fisher", "energy", "taylor", "taylor-sq"), default=None, help="how ranks are allocated across layers: fisher (the default) ranks the bases of the data-aware split by their output error weighted by the loss's Fisher sensitivity to each output; energy, taylor, taylor-sq rank the weight-SVD bases by output energy s_i^2 E[b_i^2], first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's) or squared Taylor (Molchanov 2019)")
-    calib.add_argument("--fit", choices=("sequential", "independent"), default=None, help="sequential (the default): refit every layer in graph order on the inputs the pruned model produces, with the bases that best reproduce the original output; independent: weight-SVD bases with least-squares scaling from the original model's activations (the earlier method)")
+    calib.add_argument("--criterion", choices=CRITERIA, default=None, help="how ranks are allocated across layers: fisher (the default) ranks the bases of the data-aware split by their output error weighted by the loss's Fisher sensitivity to each output; energy, taylor, taylor-sq rank the weight-SVD bases by output energy s_i^2 E[b_i^2], first-order Taylor |mean s*dL/ds| (Molchanov 2016, the paper's) or squared Taylor (Molchanov 2019)")
+    calib.add_argument("--fit", choices=FITS, default=None, help="sequential (the default): refit every layer in graph order on the inputs the pruned model produces, with the bases that best reproduce the original output; independent: weight-SVD bases with least-squares scaling from the original model's activations (the earlier method)")
     calib.add_argument("--tune", action="store_true", help="after the fit, tune the kept bases' scaling factors and the refitted layers' biases (nothing else) for 300 steps so that the pruned model's outputs match the original's on the calibration images (off by default: on ResNet-56 it gave no gain on test images and took minutes)")
     calib.add_argument("--double", action="store_true", help="double pruning: remove whole channels first (Taylor importance of coupled channel groups), then bases, under the same target")
-    calib.add_argument("--channel-criterion", choices=("taylor", "taylor-sq"), default=None, help="with --double: channel importance, first-order (Molchanov 2016) or per-example squared (2019) Taylor (the default: it measured best, see README)")
+    calib.add_argument("--channel-criterion", choices=CHANNEL_CRITERIA, default=None, help="with --double: channel importance, first-order (Molchanov 2016) or per-example squared (2019) Taylor (the default: it measured best, see README)")
     calib.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     calib.add_argument("--device", choices=("cpu", "cuda"), help="Torch device for importance (default: cuda when available)")
     calib.add_argument("--seed", type=int, default=0)
@@ -118,8 +146,22 @@ def check_output(model: Path, output: Path) -> None:
         raise BasisPruneError(f"{output}: output folder is not writable")
 
 
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The run's options from the parsed command line."""
+    return PruneConfig(
+        calib=args.calib, eval=args.eval, labels=args.labels, unlabeled=args.unlabeled, holdout=args.holdout,
+        limit=args.limit, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs,
+        target_latency=args.target_latency, max_drop=args.max_drop, full_rank=args.full_rank, double=args.double,
+        criterion=args.criterion, fit=args.fit or "sequential", tune=args.tune, channel_criterion=args.channel_criterion,
+        provider=args.provider, latency_aware=args.latency_aware, latency_batches=args.bench_batch,
+        time_candidates=not args.no_bench, input_shapes=dict(args.input_shape) or None,
+        preprocessing=Preprocessing(args.resize, args.crop, args.scale, args.mean, args.std, args.bgr),
+        batch_size=args.batch_size, device=args.device, seed=args.seed,
+    )
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    from .api import decompose, prune
+    from .api import run
     from .report import channel_table, file_size, layer_table, summary_table, write_json
     from .shapes import unsized_inputs
 
@@ -129,27 +171,13 @@ def run_prune(args: argparse.Namespace) -> int:
     for extra in (args.report, args.report_md):
         if extra:
             check_output(model_path, Path(extra))
-    shapes = dict(args.input_shape) or None
+    config = config_from_args(args)
     start = time.perf_counter()
-    if args.calib and (args.full_rank or args.energy is not None):
-        raise BasisPruneError("--full-rank and --energy are data-free: drop them or --calib")
-    if args.calib:
-        from .calibrated import run_main_job
-
-        result = run_main_job(model_path, args, shapes)
-    elif args.eval or args.max_drop is not None or args.double or args.unlabeled:
-        raise BasisPruneError("--max-drop, --eval, --unlabeled and --double need calibration data (--calib)")
-    elif args.full_rank:
-        result = decompose(model_path, shapes)
-    else:
-        result = prune(model_path, energy=args.energy, target_params=args.target_params, target_macs=args.target_macs,
-                       target_latency=args.target_latency, latency_aware=args.latency_aware, provider=args.provider,
-                       latency_batches=args.bench_batch, input_shapes=shapes)
+    result = run(model_path, config)
     result.save(output)
-    result.extra["output"] = str(output)
-    result.extra["seconds"] = round(time.perf_counter() - start, 2)
-    if "channels" in result.extra:
-        print(channel_table(result.extra["channels"]))
+    seconds = round(time.perf_counter() - start, 2)
+    if result.channels:
+        print(channel_table(result.channels))
         print()
     print(layer_table(result.layers))
     print()
@@ -159,46 +187,49 @@ def run_prune(args: argparse.Namespace) -> int:
     if unsized:
         print(f"MACs and latency not measured: input '{unsized[0].name}' has a symbolic size (give --input-shape)")
     elif not args.no_bench:
-        result.extra["latency"], result.extra["latency_environment"] = _latency(model_path, output, args.bench_batch,
-                                                                                result.input_shapes)
-        predicted = result.extra.get("predicted_latency_ratio")
-        measured = {row["batch"]: row["ratio"] for row in result.extra["latency"].get(args.provider, [])}
-        if predicted is not None and 1 in measured:
-            print(f"latency ratio on {args.provider} at batch 1: predicted {predicted:.3f}, measured {measured[1]:.3f}")
+        check = result.speed_check
+        checked = {check.provider: check.latency} if check else {}
+        latency, environment = _latency(model_path, output, args.bench_batch, result.input_shapes, skip=tuple(checked))
+        result.latency = {**checked, **latency}
+        result.latency_environment = environment or (check.environment if check else None)
+        measured = {row["batch"]: row["ratio"] for row in result.latency.get(args.provider, [])}
+        if result.predicted_latency_ratio is not None and 1 in measured:
+            print(f"latency ratio on {args.provider} at batch 1: predicted {result.predicted_latency_ratio:.3f}, "
+                  f"measured {measured[1]:.3f}")
+    report = {**result.to_json(), "output": str(output), "seconds": seconds}
     if args.report:
-        write_json(result.to_json(), args.report)
+        write_json(report, args.report)
         print(f"wrote {args.report}")
     if args.report_md:
-        _write_markdown(result, Path(args.report_md))
+        _write_markdown(result, report, Path(args.report_md))
         print(f"wrote {args.report_md}")
     return 0
 
 
-def _write_markdown(result, path: Path) -> None:
+def _write_markdown(result, report: dict, path: Path) -> None:
     from .figures import ranks_figure, sweep_figure
     from .report import markdown_report
 
     stem = path.with_suffix("")
     figures = [f for f in (sweep_figure(result, f"{stem}.sweep.png"), ranks_figure(result, f"{stem}.ranks.png")) if f]
-    path.write_text(markdown_report(result, figures), encoding="utf-8")
+    path.write_text(markdown_report(report, figures), encoding="utf-8")
 
 
-def _latency(original: Path, pruned: Path, batches: tuple[int, ...], shapes) -> tuple[dict[str, list[dict]], dict[str, str]]:
-    """Time original vs pruned on every working provider (alternating runs); print the table."""
+def _latency(original: Path, pruned: Path, batches: tuple[int, ...], shapes,
+             skip: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Time original vs pruned on every working provider but those in ``skip`` (timed already by
+    the speed check), alternating runs; print the table."""
     from .bench import BenchConfig, available_providers, benchmark, format_bench
+    from .speed_check import latency_rows
 
-    config = BenchConfig(providers=tuple(available_providers()), batches=batches, input_shapes=shapes)
+    providers = tuple(p for p in available_providers() if p not in skip)
+    if not providers:
+        return {}, {}
+    config = BenchConfig(providers=providers, batches=batches, input_shapes=shapes)
     bench = benchmark([original, pruned], config, names=["original", "pruned"])
     print()
     print(format_bench(bench))
-    latency: dict[str, list[dict]] = {}
-    for case in bench.cases:
-        before, after = case.timings
-        latency.setdefault(case.provider, []).append(
-            {"batch": case.batch, "threads": case.threads, "original_ms": before.median_ms, "pruned_ms": after.median_ms,
-             "ratio": after.ratio, "ratio_ci": list(after.ratio_ci) if after.ratio_ci else None}
-        )
-    return latency, bench.environment
+    return latency_rows(bench), bench.environment
 
 
 def run_inspect(argv: Sequence[str]) -> int:
@@ -216,12 +247,44 @@ def run_inspect(argv: Sequence[str]) -> int:
     return 0
 
 
-def run_bench(argv: Sequence[str]) -> int:
-    from .bench import add_bench_arguments, run_bench_command
+def bench_parser() -> argparse.ArgumentParser:
+    """``onnx-basisprune bench MODEL.onnx [MODEL.onnx ...]``."""
+    from .bench import ALGO_SEARCH_CHOICES, BenchConfig
 
+    defaults = BenchConfig()
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description="Time ONNX models on onnxruntime, alternating between them; ratios are to the first model.")
-    add_bench_arguments(parser)
-    return run_bench_command(parser.parse_args(argv))
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL.onnx", help="models to compare; ratios are relative to the first")
+    parser.add_argument("--providers", type=_providers, default=defaults.providers, help="comma list of cpu, cuda, tensorrt (default: cpu)")
+    parser.add_argument("--batch", dest="batches", type=_batches, default=defaults.batches, help="comma list of batch sizes (default: 1,8)")
+    parser.add_argument("--threads", type=_positive_int, default=defaults.threads, help="intra-op threads (default: physical cores)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up runs per model")
+    parser.add_argument("--rounds", type=_positive_int, default=defaults.rounds, help="timed runs per model")
+    parser.add_argument("--min-time", dest="min_time_s", type=float, default=defaults.min_time_s,
+                        help="add rounds until each model ran this many seconds (at most 10x rounds)")
+    parser.add_argument("--cudnn-algo-search", dest="cudnn_conv_algo_search", choices=ALGO_SEARCH_CHOICES,
+                        default=defaults.cudnn_conv_algo_search, help="cuDNN convolution algorithm search")
+    parser.add_argument("--input-shape", dest="input_shapes", type=_shape_arg, action="append",
+                        metavar="NAME=1x3x224x224", help="shape for an input with symbolic dims (repeatable)")
+    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT.json", help="also write the result as JSON")
+    return parser
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """Run ``bench``: print the table, write JSON if asked."""
+    from .bench import BenchConfig, benchmark, format_bench
+
+    args = bench_parser().parse_args(argv)
+    config = BenchConfig(providers=tuple(args.providers), batches=tuple(args.batches), threads=args.threads,
+                         warmup=args.warmup, rounds=args.rounds, min_time_s=args.min_time_s,
+                         cudnn_conv_algo_search=args.cudnn_conv_algo_search,
+                         input_shapes=dict(args.input_shapes) if args.input_shapes else None)
+    result = benchmark(args.models, config)
+    print(format_bench(result))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,14 +25,15 @@ channels is refitted by least squares from calibration moments (:mod:`.channel_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from . import ranks
-from .api import Prepared, PruneResult, prepare
-from .calibrated import CalibrationData, Target, basis_stage, torch_module
+from .calibrated import CalibrationData, basis_stage, torch_module
+from .config import Target
+from .prepared import Prepared, PruneResult, prepare
 from .channel_refit import refit_consumers, refittable_consumers
 from .channel_rewrite import remove_channels
 from .channel_select import ChannelScores, family_scores, per_unit_cost, removal_at, removal_for_budget
@@ -90,12 +91,12 @@ def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
         raise BasisPruneError(f"--double: no channel group can be removed safely ({reasons})")
     print(f"channels: {len(analysis.removable())} of {len(analysis.groups)} channel groups can be removed")
     module = torch_module(prepared.model, data)
-    args = data.args
-    criterion = args.channel_criterion or DEFAULT_CHANNEL_CRITERION
+    config = data.config
+    criterion = config.channel_criterion or DEFAULT_CHANNEL_CRITERION
     sites = [ChannelSite(site.tensor, site.axis, site.groups) for site in analysis.sites]
     consumers = refittable_consumers(prepared.model, analysis, prepared.shapes)
     importance = measure_channel_importance(module, sites, len(analysis.groups), data.batches(), loss=data.loss,
-                                            total=data.n_batches, device=args.device, seed=args.seed,
+                                            total=data.n_batches, device=config.device, seed=config.seed,
                                             consumers=list(consumers.values()))
     scores = family_scores(analysis, importance.by_criterion(criterion))
     return ChannelStage(prepared, analysis, scores, importance.moments, criterion, importance.samples, importance.seconds)
@@ -138,7 +139,7 @@ class Candidate:
 
     @property
     def quality(self) -> float:
-        return self.result.extra["quality"]["pruned"]
+        return self.result.quality.pruned
 
 
 def _measured_latency_ratio(original: ir.Model, smaller: ir.Model, provider: str, shapes) -> float:
@@ -151,8 +152,8 @@ def _measured_latency_ratio(original: ir.Model, smaller: ir.Model, provider: str
 def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stage: ChannelStage | None = None) -> PruneResult:
     """Channel pruning, then basis pruning, with the budget divided by measurement (``stage``:
     the channel importance already measured on ``prepared``)."""
-    args = data.args
-    block = ranks.block_size(args.provider)
+    provider = data.config.provider
+    block = ranks.block_size(provider)
     stage = stage or channel_stage(prepared, data)
     evaluator = data.evaluator
     candidates: list[Candidate] = []
@@ -169,32 +170,31 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
         if removed is None or any((r == removed).all() for r in tried):
             continue  # out of reach, or a channel removal already tried
         tried.append(removed)
-        smaller = prepare(stage.model(removed) if removed.any() else prepared.model, prepared.input_shapes)
+        smaller = prepare(stage.model(removed), prepared.input_shapes) if removed.any() else prepared
         params, macs = stage.cost(removed)
         label = "bases only" if share is None else f"channel share {share:.2g}: channels keep params {params / prepared.original.params:.3f}, MACs {macs / prepared.original.macs:.3f}"
         print(f"double pruning, {label}; pruning bases")
         latency_scale = 1.0
         if target.kind == "latency" and removed.any():
-            latency_scale = _measured_latency_ratio(prepared.model, smaller.model, args.provider, prepared.input_shapes)
+            latency_scale = _measured_latency_ratio(prepared.model, smaller.model, provider, prepared.input_shapes)
         try:
             result = basis_stage(smaller, data, target, prepared.original, latency_scale=latency_scale, verbose=False,
-                                 time_candidates=False)
+                                 final=False)
         except BasisPruneError as exc:  # e.g. a target the smaller model cannot reach with bases
             print(f"  skipped: {exc}")
             continue
         candidate = Candidate(share, removed, result)
         candidates.append(candidate)
-        q = result.extra["quality"]
+        q = result.quality
         print(f"  -> params {result.pruned.params / result.original.params:.3f}, MACs {result.pruned.macs / result.original.macs:.3f}, "
-              f"{evaluator.metric} {candidate.quality:.4f} ({describe_change(q['drop'], q['drop_bound'])})")
+              f"{evaluator.metric} {candidate.quality:.4f} ({describe_change(q.drop, q.drop_bound)})")
     if not candidates:
         raise BasisPruneError(f"--double: no split of the budget reaches target {target.kind} {target.value:g}")
     if target.kind == "max-drop":
         best = min(candidates, key=lambda c: (c.size, -c.quality))
     else:
         best = max(candidates, key=lambda c: (c.quality, -c.size))
-    result = best.result
-    result.extra["double"] = {
+    return replace(best.result, double={
         "channel_criterion": stage.criterion,
         "channel_calibration": {"samples": stage.samples, "seconds": round(stage.seconds, 2)},
         "chosen_share": best.share,
@@ -204,9 +204,7 @@ def double_prune(prepared: Prepared, data: CalibrationData, target: Target, stag
             for c in candidates
         ],
         "unprunable": stage.analysis.reasons(),
-    }
-    result.extra["channels"] = channel_report(stage.analysis, best.removed)
-    return result
+    }, channels=channel_report(stage.analysis, best.removed))
 
 
 def channel_report(analysis: ChannelAnalysis, removed: np.ndarray) -> list[dict]:

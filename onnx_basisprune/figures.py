@@ -10,33 +10,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .api import PruneResult  # noqa: E402
+from .prepared import PruneResult  # noqa: E402
 
 
 def sweep_figure(result: PruneResult, path: str | os.PathLike) -> Path | None:
     """Held-out quality against params, MACs and (when timed) CPU latency kept, for every
     candidate the search evaluated, with the chosen model marked. None when there was no sweep
     (no --max-drop search)."""
-    sweep = result.extra.get("sweep")
-    quality = result.extra.get("quality")
-    if not sweep or not quality:
+    sweep, quality = result.sweep, result.quality
+    if not sweep or quality is None:
         return None
     panels = [
         ("params", result.original.params, result.pruned.params, "params kept (fraction)"),
         ("macs", result.original.macs, result.pruned.macs, "MACs kept (fraction)"),
     ]
-    chosen_latency = next((row["ratio"] for row in result.extra.get("latency", {}).get("cpu", []) if row["batch"] == 1), None)
-    if all(p.get("latency_ratio") is not None for p in sweep) and chosen_latency is not None:
+    chosen_latency = next((row["ratio"] for row in (result.latency or {}).get("cpu", []) if row["batch"] == 1), None)
+    if all(p.latency_ratio is not None for p in sweep) and chosen_latency is not None:
         panels.append(("latency_ratio", 1, chosen_latency, "CPU latency at batch 1 (ratio)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True)
     for ax, (key, total, chosen, label) in zip(axes, panels):
-        points = sorted(sweep, key=lambda p: p[key])
-        ax.plot([p[key] / total for p in points], [p["quality"] for p in points], "o", color="tab:blue", label="evaluated")
-        ax.axhline(quality["original"], color="grey", linestyle=":", label="original")
-        ax.plot([chosen / total], [quality["pruned"]], "*", color="tab:red", markersize=14, label="chosen")
+        points = sorted(sweep, key=lambda p: getattr(p, key))
+        ax.plot([getattr(p, key) / total for p in points], [p.quality for p in points], "o", color="tab:blue", label="evaluated")
+        ax.axhline(quality.original, color="grey", linestyle=":", label="original")
+        ax.plot([chosen / total], [quality.pruned], "*", color="tab:red", markersize=14, label="chosen")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"held-out {quality['metric']}")
+    axes[0].set_ylabel(f"held-out {quality.metric}")
     axes[0].legend(loc="lower right")
     fig.suptitle("Pruning sweep")
     fig.tight_layout()

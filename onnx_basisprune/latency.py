@@ -60,7 +60,7 @@ from .layers import Layer
 from .shapes import infer_shapes
 
 if TYPE_CHECKING:
-    from .api import Prepared
+    from .prepared import Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +338,8 @@ def _session(model: onnx.ModelProto, provider: str, threads: int, label: str) ->
         session = bench._new_session(model.SerializeToString(), provider, threads, trt_cache_dir=None)
     except Exception as exc:  # noqa: BLE001 - one line for any onnxruntime load failure
         raise ValueError(f"onnxruntime cannot load {label} on {provider}: {bench._one_line(exc)}") from None
-    if session.get_providers()[0] != bench._EP_NAMES[provider]:
-        raise ValueError(f"{label}: a session asking for {bench._EP_NAMES[provider]} got {session.get_providers()}")
+    if session.get_providers()[0] != bench.EP_NAMES[provider]:
+        raise ValueError(f"{label}: a session asking for {bench.EP_NAMES[provider]} got {session.get_providers()}")
     return session
 
 

@@ -7,7 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .api import InspectRow, LayerReport, PruneResult
+from .api import InspectRow
+from .prepared import LayerReport, PruneResult
 from .search import describe_change
 
 
@@ -56,10 +57,9 @@ def summary_table(result: PruneResult, size_before: int | None = None, size_afte
     ]
     if size_before is not None and size_after is not None:
         rows.append(("file size", human_bytes(size_before), human_bytes(size_after), _ratio(size_after, size_before)))
-    quality = result.extra.get("quality")
-    if quality:
-        rows.append((f"{quality['metric']} (n={quality['n']})", f"{quality['original']:.4f}", f"{quality['pruned']:.4f}",
-                     describe_change(quality["drop"], quality["drop_bound"])))
+    q = result.quality
+    if q is not None:
+        rows.append((f"{q.metric} (n={q.n})", f"{q.original:.4f}", f"{q.pruned:.4f}", describe_change(q.drop, q.drop_bound)))
     return table(("", "original", "pruned", "ratio"), rows)
 
 
@@ -119,9 +119,9 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def markdown_report(result: PruneResult, figures: Sequence[Path] = ()) -> str:
-    """The same content as the console report, as Markdown, with the figures linked."""
-    data = result.to_json()
+def markdown_report(data: dict, figures: Sequence[Path] = ()) -> str:
+    """The JSON report (:meth:`PruneResult.to_json` and the run's ``output`` and ``latency``) as
+    Markdown, with the figures linked."""
     lines = ["# onnx-basisprune report", ""]
     if "output" in data:
         lines += [f"Output: `{data['output']}`", ""]
@@ -144,10 +144,12 @@ def markdown_report(result: PruneResult, figures: Sequence[Path] = ()) -> str:
         if env:
             lines += ["", ", ".join(f"{k}: {env[k]}" for k in ("onnxruntime", "cpu", "threads", "date") if k in env)]
     lines += ["", "## Layers", "", "| layer | op | weight | rank | break-even | kept | action | params | → | reason |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for layer in result.layers:
+    for layer in data["layers"]:
+        kept = "-" if layer["kept_rank"] is None else layer["kept_rank"]
         lines.append(
-            f"| `{layer.name}` | {layer.op} | {'x'.join(map(str, layer.weight_shape))} | {layer.full_rank} | {layer.break_even_rank} | "
-            f"{'-' if layer.kept_rank is None else layer.kept_rank} | {layer.action} | {layer.params:,} | {layer.pruned_params:,} | {layer.reason} |"
+            f"| `{layer['name']}` | {layer['op']} | {'x'.join(map(str, layer['weight_shape']))} | {layer['full_rank']} | "
+            f"{layer['break_even_rank']} | {kept} | {layer['action']} | {layer['params']:,} | {layer['pruned_params']:,} | "
+            f"{layer['reason']} |"
         )
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]

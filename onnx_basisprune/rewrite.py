@@ -163,7 +163,7 @@ def _gemm_c(graph: ir.Graph, c: ir.Value | None, name: str, size: int, dtype: np
     return [] if c is None else [c]
 
 
-def _legacy_gemm_attrs(graph: ir.Graph) -> list[ir.Attr]:
+def legacy_gemm_attrs(graph: ir.Graph) -> list[ir.Attr]:
     """``broadcast=1`` before opset 7, so a new Gemm's 1-D C broadcasts over the rows."""
     return [ir.AttrInt64("broadcast", 1)] if _default_opset(graph) < GEMM_BROADCASTS_SINCE else []
 
@@ -186,7 +186,7 @@ def split_node(graph: ir.Graph, node: ir.Node, layer: Layer, decision: Decision)
         scaling_attrs = [ir.AttrInt64("group", layer.groups), ir.AttrInt64s("kernel_shape", [1] * spatial)]
         rest = list(node.inputs[2:3])
     elif layer.op == "Gemm":
-        legacy = _legacy_gemm_attrs(graph)
+        legacy = legacy_gemm_attrs(graph)
         basis_attrs = [ir.AttrInt64("transB", 1), *legacy]
         beta = node.attributes.get_float("beta", 1.0)
         scaling_attrs = [ir.AttrInt64("transB", 1), ir.AttrFloat32("beta", beta), *legacy]

@@ -125,6 +125,21 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class QualitySummary:
+    """The report's held-out quality of a pruned model: ``metric`` (accuracy, agreement, ...) of
+    the original and the pruned model on ``n`` samples, the drop in points (positive: lost) and its
+    one-sided upper bound at ``confidence``."""
+
+    metric: str
+    original: float
+    pruned: float
+    n: int
+    drop: float
+    drop_bound: float
+    confidence: float
+
+
+@dataclass(frozen=True)
 class SweepPoint:
     threshold: float
     params: int
@@ -200,11 +215,10 @@ class Evaluator:
         drop, bound = drop_bound(lost, gained, self.n)
         return Quality(float(correct.mean()), 100 * drop, 100 * bound)
 
-    def summary(self, model: ir.Model) -> dict[str, object]:
-        """The report's ``quality`` entry for ``model``."""
+    def summary(self, model: ir.Model) -> QualitySummary:
+        """The report's held-out quality of ``model``."""
         q = self.measure(model)
-        return {"metric": self.metric, "original": self.original, "pruned": q.value, "n": self.n,
-                "drop": q.drop, "drop_bound": q.drop_bound, "confidence": CONFIDENCE}
+        return QualitySummary(self.metric, self.original, q.value, self.n, q.drop, q.drop_bound, CONFIDENCE)
 
 
 def plan_signature(plan: Mapping[str, Decision]) -> tuple:

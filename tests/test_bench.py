@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_basisprune import bench
+from onnx_basisprune.cli import bench_parser, main
 from onnx_basisprune.bench import (
     BenchConfig,
     BenchResult,
-    add_bench_arguments,
     available_providers,
     benchmark,
     format_bench,
-    run_bench_command,
 )
 
 FAST = BenchConfig(batches=(1, 2), threads=1, warmup=2, rounds=5)
@@ -194,14 +192,10 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     onnx.save(conv_model(4, shape=("N", 3, "H", "W")), small)
     onnx.save(conv_model(16, shape=("N", 3, "H", "W")), big)
     out = tmp_path / "out" / "bench.json"
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
-    args = parser.parse_args(
-        [str(small), str(big), "--providers", "cpu", "--batch", "1,2", "--threads", "1", "--warmup", "1",
-         "--rounds", "6", "--min-time", "0", "--cudnn-algo-search", "HEURISTIC", "--input-shape", "x=1x3x8x8",
-         "--json", str(out)]
-    )
-    assert run_bench_command(args) == 0
+    argv = ["bench", str(small), str(big), "--providers", "cpu", "--batch", "1,2", "--threads", "1", "--warmup", "1",
+            "--rounds", "6", "--min-time", "0", "--cudnn-algo-search", "HEURISTIC", "--input-shape", "x=1x3x8x8",
+            "--json", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "small" in printed and "big" in printed
     data = json.loads(out.read_text())
@@ -212,14 +206,14 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
+    parser = bench_parser()
     for bad in (["m.onnx", "--batch", "0"], ["m.onnx", "--providers", "gpu"], ["m.onnx", "--input-shape", "x=3y"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
-    args = parser.parse_args([str(tmp_path / "missing.onnx"), "--rounds", "1"])
-    assert run_bench_command(args) == 2
-    assert "cannot read ONNX model" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "missing.onnx"), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read ONNX model" in err and len(err.strip().splitlines()) == 1
 
 
 def normalizer_model() -> onnx.ModelProto:

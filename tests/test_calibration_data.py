@@ -565,3 +565,19 @@ def test_truncated_jpeg_in_the_middle_fails_in_its_batch(tmp_path: Path) -> None
         next(batches)
     with one_line_error("batch_size must be at least 1"):
         result.batches(0)  # checked at the call, not at the first batch
+
+
+def test_arrays_in_memory_load_like_an_npz(tmp_path):
+    """``prune(model, calib=arrays)``: one array for a single input, or arrays by name with labels."""
+    one = spec(size=8, name="x")
+    x = np.random.default_rng(0).random((20, 3, 8, 8), dtype=np.float32)
+    y = np.arange(20) % 4
+    single = load_calibration(x, [one], limit=10, seed=1)
+    assert len(single) == 10 and single.labels is None
+    named = load_calibration({"x": x, "labels": y}, [one], num_classes=4)
+    np.savez(tmp_path / "d.npz", x=x, labels=y)
+    stored = load_calibration(tmp_path / "d.npz", [one], num_classes=4)
+    np.testing.assert_array_equal(named.labels, stored.labels)
+    np.testing.assert_array_equal(named.inputs["x"], stored.inputs["x"])
+    with pytest.raises(CalibrationDataError, match="labels"):
+        load_calibration({"x": x, "labels": y.astype(np.float32)}, [one])

@@ -22,7 +22,7 @@ import pytest
 from conftest import make_model, max_rel_error, random_feeds, run, shared_model
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_basisprune.api import _as_ir, prepare
+from onnx_basisprune.prepared import as_ir as _as_ir, prepare
 from onnx_basisprune.channel_rewrite import RemoveChannelsPass, gated_model, remove_channels
 from onnx_basisprune.channels import ChannelAnalysis, analyse_channels
 from onnx_basisprune.cost import count_params, model_cost

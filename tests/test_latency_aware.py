@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from onnx_basisprune import prune
-from onnx_basisprune.api import prepare, use_measured_latency
+from onnx_basisprune.api import prepare
+from onnx_basisprune.plans import use_measured_latency
 from onnx_basisprune.cli import main
 from onnx_basisprune.ranks import block_size
 
@@ -21,8 +22,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_measured_break_even_replaces_the_cost_model():
-    prepared = prepare(MODEL)
-    table = use_measured_latency(prepared, "cpu", block_size("cpu"))
+    prepared, table = use_measured_latency(prepare(MODEL), "cpu", block_size("cpu"))
     for name, layer in prepared.splittable().items():
         assert layer.measured_break_even == table.break_even_rank(name)
         assert layer.break_even_rank == table.break_even_rank(name)
@@ -33,16 +33,17 @@ def test_break_even_is_the_smallest_over_the_batch_sizes():
     from onnx_basisprune.latency import measure_latency_table
 
     prepared = prepare(MODEL)
-    first = use_measured_latency(prepared, "cpu", block_size("cpu"), batches=(1, 8))
+    measured, first = use_measured_latency(prepared, "cpu", block_size("cpu"), batches=(1, 8))
     assert first.batch == 1
     eight = measure_latency_table(prepared, provider="cpu", block=block_size("cpu"), batch=8)  # cached
-    for name, layer in prepared.splittable().items():
+    for name, layer in measured.splittable().items():
         assert layer.measured_break_even == min(first.break_even_rank(name), eight.break_even_rank(name))
+        assert prepared.layers[name].measured_break_even is None  # a new value; the input is unchanged
 
 
 def test_target_latency_meets_the_predicted_budget():
     result = prune(MODEL, target_latency=0.9)
-    assert result.extra["predicted_latency_ratio"] <= 0.9
+    assert result.predicted_latency_ratio <= 0.9
     assert any(layer.action == "decomposed" for layer in result.layers)
     for layer in result.layers:
         if layer.action == "decomposed":

@@ -123,6 +123,99 @@ def test_max_drop_without_calibration(tmp_path, capsys):
 
 
 def test_graph_side_never_imports_torch():
-    code = "import sys, onnx_basisprune, onnx_basisprune.cli, onnx_basisprune.bench, onnx_basisprune.search, onnx_basisprune.calibrated; print('torch' in sys.modules)"
+    """Every graph-side module imports without torch (only onnx_basisprune.calibration may)."""
+    code = ("import sys, pkgutil, importlib, onnx_basisprune\n"
+            "for m in pkgutil.walk_packages(onnx_basisprune.__path__, 'onnx_basisprune.'):\n"
+            "    if not m.name.startswith('onnx_basisprune.calibration') and m.name != 'onnx_basisprune.__main__': importlib.import_module(m.name)\n"
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The package modules ``path`` imports, at the top or inside functions."""
+    import ast
+
+    here = package + "." + path.stem if path.stem != "__init__" else package
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here.rsplit(".", node.level)[0] if path.stem != "__init__" else here.rsplit(".", node.level - 1)[0]
+            target = f"{base}.{node.module}" if node.module else base
+            found |= {f"{target}.{a.name}" for a in node.names} | ({target} if node.module else set())
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onnx_basisprune"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_no_import_cycles_and_no_argparse_below_the_cli():
+    """Modules import each other in one direction (lazy imports count too), and only cli.py parses
+    arguments."""
+    package = ROOT / "onnx_basisprune"
+    sources = {f"onnx_basisprune.{p.relative_to(package).with_suffix('').as_posix().replace('/', '.')}": p
+               for p in package.rglob("*.py")}
+    sources = {name.removesuffix(".__init__"): p for name, p in sources.items()}
+    sources.update({f"onnx_basisprune.calibration.{p.stem}": p for p in (ROOT / "calibration").glob("*.py") if p.stem != "__init__"})
+    graph = {name: {m for m in _imports(path, name.rsplit(".", 1)[0] if path.stem != "__init__" else name) if m in sources and m != name}
+             for name, path in sources.items()}
+    for name, path in sources.items():
+        if not name.endswith(".cli"):
+            assert "import argparse" not in path.read_text(), name
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(trail + [node, nxt])
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def _images(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for sub in sorted(folder.iterdir()):
+        for png in sorted(sub.glob("*.png")):
+            xs.append(np.asarray(Image.open(png).convert("L"), dtype=np.float32)[None] / 255.0)
+            ys.append(int(sub.name))
+    return np.stack(xs), np.array(ys)
+
+
+def test_python_api_runs_the_main_job(tmp_path, capsys):
+    """``prune(model, calib=..., target_macs=...)`` as the README shows it; arrays work as folders do."""
+    from onnx_basisprune import prune
+
+    model = onnx.load(str(EXAMPLE / "model.onnx"))
+    before = model.SerializeToString()
+    result = prune(model, calib=EXAMPLE / "calib", eval=EXAMPLE / "heldout", target_macs=0.7, progress=False)
+    assert model.SerializeToString() == before  # the caller's model is never changed
+    assert result.pruned.macs <= 0.7 * result.original.macs
+    assert result.quality.metric == "accuracy" and result.quality.n == 540
+    assert result.calibration["criterion"] == "fisher" and result.calibration["fit"] == "sequential"
+    result.save(tmp_path / "m.onnx")
+    assert _heldout_accuracy(tmp_path / "m.onnx") == pytest.approx(result.quality.pruned, abs=1e-9)
+    report = json.loads(json.dumps(result.to_json()))
+    assert report["quality"]["drop_bound"] == result.quality.drop_bound and "sweep" not in report
+    assert "calibration:" not in capsys.readouterr().out  # progress=False is quiet
+
+    x, y = _images(EXAMPLE / "calib")
+    hx, hy = _images(EXAMPLE / "heldout")
+    from_arrays = prune(EXAMPLE / "model.onnx", calib={"input": x, "labels": y}, eval={"input": hx, "labels": hy},
+                        target_macs=0.7, progress=False)
+    assert from_arrays.quality.n == 540
+    assert abs(from_arrays.quality.pruned - result.quality.pruned) <= 0.02
+
+
+def test_python_api_refuses_bad_options_in_one_line():
+    from onnx_basisprune import BasisPruneError, prune
+
+    with pytest.raises(BasisPruneError, match="give one of"):
+        prune(EXAMPLE / "model.onnx", energy=0.9, target_macs=0.5)
+    with pytest.raises(BasisPruneError, match="need calibration data"):
+        prune(EXAMPLE / "model.onnx", max_drop=1)
+    with pytest.raises(BasisPruneError, match="criterion must be one of"):
+        prune(EXAMPLE / "model.onnx", calib=EXAMPLE / "calib", criterion="magic")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_model, tensor
 from onnx_basisprune import ranks
-from onnx_basisprune.api import prepare, rewritten
+from onnx_basisprune.prepared import prepare, rewritten
 from onnx_basisprune.calibration.importance import _input_rows
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 from onnx_basisprune.calibration.reconstruction import LayerSite, layer_statistics, sampled_rows

@@ -7,7 +7,6 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
@@ -17,14 +16,16 @@ from onnx import TensorProto, helper
 
 from onnx_basisprune.api import prepare
 from onnx_basisprune.calibrated import load_calibration_data
-from onnx_basisprune.cli import build_parser, main
+from onnx_basisprune.cli import build_parser, config_from_args, main
 from onnx_basisprune.cost import ModelCost
+from onnx_basisprune.prepared import PruneResult
 from onnx_basisprune.errors import BasisPruneError
 from onnx_basisprune.report import markdown_report, summary_table
 from onnx_basisprune.search import (
     CONFIDENCE,
     Evaluator,
     Quality,
+    QualitySummary,
     chance_problem,
     describe_change,
     drop_bound,
@@ -138,7 +139,7 @@ def test_evaluator_measures_paired_outcomes_against_the_original():
     assert q.value == pytest.approx((candidate == labels).mean())
     assert (q.drop, q.drop_bound) == pytest.approx(tuple(100 * v for v in drop_bound(lost, gained, 300)))
     summary = evaluator.summary(swapped)
-    assert summary["drop"] == q.drop and summary["drop_bound"] == q.drop_bound and summary["confidence"] == CONFIDENCE
+    assert summary.drop == q.drop and summary.drop_bound == q.drop_bound and summary.confidence == CONFIDENCE
     assert evaluator.bound_floor == pytest.approx(100 * Z2 / (300 + Z2))
 
 
@@ -165,7 +166,7 @@ def _digit_images(split: str, per_class: int) -> list[tuple[int, Path]]:
 
 def _load(capsys, *argv: str):
     args = build_parser().parse_args([str(EXAMPLE_MODEL), *map(str, argv)])
-    data = load_calibration_data(prepare(EXAMPLE_MODEL), args)
+    data = load_calibration_data(prepare(EXAMPLE_MODEL), config_from_args(args))
     return data, capsys.readouterr().out
 
 
@@ -239,13 +240,11 @@ def test_a_held_out_set_that_certifies_only_unchanged_candidates_is_noted(tmp_pa
 
 
 def test_the_report_shows_the_drop_and_its_bound():
-    quality = {"metric": "accuracy", "original": 0.95, "pruned": 0.946, "n": 540, "drop": 0.4, "drop_bound": 1.02,
-               "confidence": CONFIDENCE}
-    result = SimpleNamespace(original=ModelCost(100, 1000), pruned=ModelCost(50, 600), extra={"quality": quality}, layers=[],
-                             to_json=lambda: {"original": {"params": 100, "macs": 1000}, "pruned": {"params": 50, "macs": 600},
-                                              "quality": quality})
+    quality = QualitySummary("accuracy", 0.95, 0.946, 540, 0.4, 1.02, CONFIDENCE)
+    result = PruneResult(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), ModelCost(100, 1000), ModelCost(50, 600), [],
+                         quality=quality)
     assert "-0.40 pt, 95% bound -1.02" in summary_table(result)
-    assert "| -0.40 pt, 95% bound -1.02 |" in markdown_report(result)
+    assert "| -0.40 pt, 95% bound -1.02 |" in markdown_report(result.to_json())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +257,7 @@ def test_imagenet_model_on_ants_and_bees_is_judged_by_agreement(shared_dir, caps
     if not calib.is_dir():
         pytest.skip(f"{calib} not present")
     args = build_parser().parse_args([str(model), "--calib", str(calib), "--limit", "40", "--target-params", "0.5"])
-    data = load_calibration_data(prepare(model), args)
+    data = load_calibration_data(prepare(model), config_from_args(args))
     out = capsys.readouterr().out
     assert "unlabeled: 2 class folders, the model has 1000 outputs and no --labels maps them" in out
     assert data.evaluator.metric == "agreement" and data.evaluator.original == 1.0 and data.loss == "self"

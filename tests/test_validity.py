@@ -22,7 +22,8 @@ from conftest import assert_same_outputs, low_rank_weight, make_model, run, sess
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_basisprune import BasisPruneError, decompose, prepare, prune, ranks, rewrite
-from onnx_basisprune.api import apply_plan, budget_plan, data_free_plan, plan_cost
+from onnx_basisprune.plans import budget_plan, data_free_plan
+from onnx_basisprune.prepared import apply_plan, plan_cost
 from onnx_basisprune.cli import main
 
 PREFIX = "onnx-basisprune: error:"
@@ -280,12 +281,12 @@ def test_cli_on_symbolic_input_size(symbolic_model, tmp_path, capsys):
 
 
 def test_a_size_learned_later_gives_positions_and_macs(symbolic_model):
-    """What the calibrated run does with the size of its data (``Prepared.use_input_shapes``)."""
-    prepared = prepare(symbolic_model)
-    assert prepared.original.macs is None
+    """What the calibrated run does with the size of its data (``Prepared.with_input_shapes``)."""
+    unsized = prepare(symbolic_model)
+    assert unsized.original.macs is None
+    prepared = unsized.with_input_shapes({"image": (1, 3, 24, 24)})
+    assert not any(layer.positions_known for layer in unsized.layers.values() if layer.op == "Conv")  # unchanged
     convs = [layer for layer in prepared.layers.values() if layer.op == "Conv"]
-    assert not any(layer.positions_known for layer in convs)
-    prepared.use_input_shapes({"image": (1, 3, 24, 24)})
     assert prepared.original.macs == prepare(symbolic_model, {"image": (1, 3, 24, 24)}).original.macs > 0
     assert [layer.positions for layer in convs] == [24 * 24, 12 * 12, 12 * 12, 12 * 12]
     scores = {name: ranks.energy_scores(layer) for name, layer in prepared.splittable().items()}
