@@ -25,10 +25,8 @@ def test_quick_benchmark_writes_results(shared_dir, tmp_path):
     new, old = run_benchmarks._method(*run_benchmarks.NEW), run_benchmarks._method(*run_benchmarks.OLD)
     operating = next(r for r in rows if r["method"] == "basisprune" and r["target"] == "max-drop 1" and r["criterion"] == new)
     assert operating["params"] < original["params"] and operating["test_accuracy"] is not None
-    for f in run_benchmarks.QUICK.sweep:  # both methods at every budget, each lever once
+    for f in run_benchmarks.QUICK.sweep:  # both methods at every budget
         assert {r["criterion"] for r in rows if r["method"] == "basisprune" and r["target"] == f"macs {f:g}"} >= {new, old}
-    levers = {r["criterion"] for r in rows if r["target"] == f"macs {run_benchmarks.LEVER_MACS:g}"}
-    assert {"energy / sequential", f"{new} + tune"} <= levers
     for r in rows:
         if r["params"]:
             assert r["test_accuracy"] is not None and 0.0 <= r["test_accuracy"] <= 1.0
