@@ -75,7 +75,9 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: use this check
 
 from onnx_basisprune.calibration.data import CalibrationSet, InputSpec, load_calibration  # noqa: E402
 
-METHODS = ("torch-pruning", "onnxsim-l2", "onnxsim-wanda")
+METHODS = ("torch-pruning", "torch-pruning-round", "onnxsim-l2", "onnxsim-wanda")
+# torch-pruning-round: Torch-Pruning with round_to = the CPU provider's channel block (8, 16 with
+# AVX-512), so its latency is not penalised by channel counts off the block.
 DEFAULT_OUT = REPO / "build" / "benchmarks" / "baselines"
 TOLERANCE = 0.01  # |reached fraction - target| allowed, in fractions of the original
 OPSET = 17
@@ -133,11 +135,11 @@ def model_cost(model: str | os.PathLike | onnx.ModelProto) -> tuple[int, int]:
     constant tensors of the model as given, MACs = ``cost.model_cost`` of the normalised model
     with its inferred shapes (batch 1). Done without ``prepare``'s per-layer SVD analysis, which
     is slow and raises when no layer is worth splitting (a heavily pruned model)."""
-    from onnx_basisprune.prepared import as_ir as _as_ir
-    from onnx_basisprune.cost import count_params
-    from onnx_basisprune.cost import model_cost as graph_cost
-    from onnx_basisprune.normalize import normalize
-    from onnx_basisprune.shapes import infer_shapes
+    from onnx_basisprune.pipeline.prepared import as_ir as _as_ir
+    from onnx_basisprune.io.cost import count_params
+    from onnx_basisprune.io.cost import model_cost as graph_cost
+    from onnx_basisprune.io.normalize import normalize
+    from onnx_basisprune.io.shapes import infer_shapes
 
     irm = _as_ir(model if isinstance(model, onnx.ModelProto) else str(model))
     params = count_params(irm)
@@ -530,8 +532,10 @@ def taylor_gradients(net: nn.Module, data: CalibrationSet, input_name: str, batc
     return grads
 
 
-def _taylor_prune(net: nn.Module, grads: dict[str, torch.Tensor], example: torch.Tensor, ratio: float) -> nn.Module:
-    """A pruned copy of ``net``: one global Taylor pruning step at ``pruning_ratio=ratio``."""
+def _taylor_prune(net: nn.Module, grads: dict[str, torch.Tensor], example: torch.Tensor, ratio: float,
+                  round_to: int | None = None) -> nn.Module:
+    """A pruned copy of ``net``: one global Taylor pruning step at ``pruning_ratio=ratio``, channel
+    counts rounded to multiples of ``round_to`` when given."""
     import torch_pruning as tp
 
     pruned = copy.deepcopy(net).eval()
@@ -545,7 +549,7 @@ def _taylor_prune(net: nn.Module, grads: dict[str, torch.Tensor], example: torch
             warnings.simplefilter("ignore")
             pruner = tp.pruner.BasePruner(
                 pruned, example[:1], importance=tp.importance.TaylorImportance(), global_pruning=True,
-                pruning_ratio=ratio, ignored_layers=[_classifier(pruned)],
+                pruning_ratio=ratio, ignored_layers=[_classifier(pruned)], round_to=round_to,
                 customized_pruners={ShortcutA: _shortcut_pruner()})
             pruner.step()
     except Exception as exc:  # a graph Torch-Pruning cannot trace or cut: one line, for the results table
@@ -559,11 +563,13 @@ def torch_pruning_taylor_sweep(model: str | os.PathLike, calib: str | os.PathLik
                                target_kind: str, targets: Sequence[float], *, weights: str | os.PathLike | None = None,
                                limit: int | None = 2000, seed: int = 0, batch_size: int = 64,
                                test_limit: int | None = None, out_dir: str | os.PathLike = DEFAULT_OUT,
-                               tolerance: float = TOLERANCE, max_steps: int = 20,
+                               tolerance: float = TOLERANCE, max_steps: int = 20, round_to: int | None = None,
                                progress: bool = True) -> list[BaselineResult]:
     """Torch-Pruning Taylor baseline at several budgets of one kind, sharing the Torch model, the
     calibration load and the gradient pass; each result's ``seconds`` = that shared setup + its
-    own search and export (what a single run would take)."""
+    own search and export (what a single run would take). ``round_to``: Torch-Pruning's channel
+    rounding (the method is then named ``torch-pruning-round``)."""
+    method = "torch-pruning" if round_to is None else "torch-pruning-round"
     kind = _kind(target_kind)
     _check_targets(targets)
     torch.manual_seed(seed)
@@ -582,7 +588,7 @@ def torch_pruning_taylor_sweep(model: str | os.PathLike, calib: str | os.PathLik
     offset = original[0] - base[0]  # graph constants the Torch count does not see (shapes, ...)
 
     def evaluate(ratio: float) -> tuple[float, nn.Module]:
-        pruned = _taylor_prune(net, grads, example, ratio)
+        pruned = _taylor_prune(net, grads, example, ratio, round_to)
         cost = torch_cost(pruned, example)
         return ((cost[0] + offset) / original[0] if kind == 0 else cost[1] / original[1]), pruned
 
@@ -591,16 +597,17 @@ def torch_pruning_taylor_sweep(model: str | os.PathLike, calib: str | os.PathLik
     for target in targets:
         t1 = time.perf_counter()
         best, trace, reachable = _bisect(evaluate, target, 0.0, 0.95, tolerance / 4, max_steps)
-        path = _out_path(Path(out_dir), model, "torch-pruning", target_kind, target)
+        path = _out_path(Path(out_dir), model, method, target_kind, target)
         export_onnx(best.artifact, example, path, input_name, output_name)
         export_err = verify_torch_model(best.artifact, path, data, n=64)
         note = [] if reachable else ["target out of reach at pruning ratio 0.95"]
         setting = {"pruning_ratio": best.x, "importance": "TaylorImportance() (first-order, group mean)",
-                   "global_pruning": True, "ignored": "classifier output layer", "search": "bracketed search of pruning_ratio"}
+                   "global_pruning": True, "ignored": "classifier output layer", "search": "bracketed search of pruning_ratio",
+                   "round_to": round_to}
         extra = {"setup_seconds": round(setup, 1), "search_seconds": round(time.perf_counter() - t1, 1),
                  "calib_n": len(data), "torch_model": source, "torch_vs_onnx_rel_error": verify_err,
                  "export_rel_error": export_err, "trace": trace}
-        results.append(_finish("torch-pruning", target_kind, target, path, original,
+        results.append(_finish(method, target_kind, target, path, original,
                                setup + time.perf_counter() - t1, test, test_limit, seed, tolerance, note,
                                setting, extra, progress))
     return results
@@ -741,12 +748,15 @@ def run_baselines(model: str | os.PathLike, calib: str | os.PathLike, test: str 
                   **kwargs) -> list[BaselineResult]:
     """Every method in ``methods`` at every target. A method that cannot run on the case gives one
     result with ``reached=False``, zero cost and the reason in ``note`` instead of raising."""
+    from onnx_basisprune.plan.ranks import block_size
+
     results = []
     for method in methods:
         try:
-            if method == "torch-pruning":
+            if method in ("torch-pruning", "torch-pruning-round"):
                 extra = {k: v for k, v in kwargs.items() if k not in ("global_sparsity", "constants_as_initializers")}
-                results += torch_pruning_taylor_sweep(model, calib, test, target_kind, targets, **extra)
+                round_to = block_size("cpu") if method == "torch-pruning-round" else None
+                results += torch_pruning_taylor_sweep(model, calib, test, target_kind, targets, round_to=round_to, **extra)
             elif method in ("onnxsim-l2", "onnxsim-wanda"):
                 extra = {k: v for k, v in kwargs.items() if k != "weights"}
                 results += onnxsim_structured_sweep(model, calib, test, target_kind, targets,

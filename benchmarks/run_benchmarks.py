@@ -57,7 +57,7 @@ THREADS = 2
 OLD = ("energy", "independent")  # the method before sequential reconstruction (criterion, fit)
 NEW = ("fisher", "sequential")  # today's defaults
 LEVER_MACS = 0.7  # the budget at which each lever is measured on its own
-BASELINES = ("torch-pruning", "onnxsim-l2")
+BASELINES = ("torch-pruning", "torch-pruning-round", "onnxsim-l2")
 
 
 def _relative(path: Path) -> str:
@@ -156,7 +156,7 @@ class Tester:
 def measure(rows: Sequence[Row], original: Path, tester: Tester) -> None:
     """Test accuracy and file size of each row's model; CPU latency of all of them against the
     original, timed alternately in one run per batch size."""
-    from onnx_basisprune.bench import BenchConfig, benchmark
+    from onnx_basisprune.runtime.bench import BenchConfig, benchmark
 
     for row in rows:
         if row.path and row.test_accuracy is None:
@@ -174,7 +174,7 @@ def measure(rows: Sequence[Row], original: Path, tester: Tester) -> None:
 
 
 def _save(result, path: Path) -> str:
-    from onnx_basisprune.modelio import save_model
+    from onnx_basisprune.io.model_io import save_model
 
     save_model(result.model, path)
     return str(path)
@@ -202,13 +202,16 @@ def ours(case: Case, work: Path, tester: Tester) -> tuple[list[Row], dict]:
     operating point searched on the validation half of the test images (``--eval``); ``--double``
     at the case's budgets."""
     from onnx_basisprune.api import prepare, prune
-    from onnx_basisprune.calibrated import CalibrationData, basis_importance, basis_stage, load_calibration_data
+    from onnx_basisprune.pipeline.calibrated import CalibrationData, basis_importance, basis_stage, load_calibration_data
     from onnx_basisprune.config import PruneConfig, Target
     from onnx_basisprune.errors import BasisPruneError
-    from onnx_basisprune.search import Evaluator
+    from onnx_basisprune.plan.search import Evaluator
 
     rows: list[Row] = []
-    config = PruneConfig(calib=case.calib, limit=case.limit, time_candidates=False, progress=False)
+    # loaded for a budget: a held-out part too small to certify --max-drop 1 (ants/bees) is then a
+    # row's note, not a refusal of the whole case
+    config = PruneConfig(calib=case.calib, limit=case.limit, target_macs=case.sweep[-1], time_candidates=False,
+                         progress=False)
     (prepared, data), load_s = _timed(lambda: (lambda p: (p, load_calibration_data(p, config)))(prepare(case.model)))
     measured, importance_s = _timed(lambda: basis_importance(prepared, data, verbose=False))
     info = {"calibration": {"samples": len(data.calib), "heldout": data.evaluator.n, "heldout_metric": data.evaluator.metric,
@@ -224,7 +227,7 @@ def ours(case: Case, work: Path, tester: Tester) -> tuple[list[Row], dict]:
         method = _method(criterion, fit, tune)
         try:
             result, seconds = _timed(lambda: basis_stage(prepared, evaluated, target, prepared.original, verbose=False,
-                                                         time_candidates=False, measured=measured))
+                                                         measured=measured))
         except BasisPruneError as exc:
             rows.append(Row(name, method, label, note=str(exc)))
             return
@@ -259,7 +262,7 @@ def ours(case: Case, work: Path, tester: Tester) -> tuple[list[Row], dict]:
                                                       prepared.model), data.loss, config)
     run(*NEW, Target("max-drop", 1.0), evaluated=validated, unseen_only=True)
     if case.double:
-        from onnx_basisprune.double import channel_stage, double_prune
+        from onnx_basisprune.pipeline.double import channel_stage, double_prune
 
         stage, channel_s = _timed(lambda: channel_stage(prepared, data))
         for f in case.double:
@@ -330,7 +333,7 @@ def run_case(case: Case, out: Path) -> dict:
 def environment() -> dict[str, str]:
     import torch
 
-    from onnx_basisprune.bench import _cpu_model
+    from onnx_basisprune.runtime.machine import cpu_model as _cpu_model
 
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_model(),
             "cores": str(len(os.sched_getaffinity(0))), "python": platform.python_version(),
@@ -352,7 +355,8 @@ def figure(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     styles = {("basisprune", _method(*OLD)): ("tab:grey", "o--"), ("basisprune", _method(*NEW)): ("tab:blue", "o-"),
               ("energy truncation", "data-free"): ("tab:brown", "s:"), ("basisprune --double", _method(*NEW)): ("tab:red", "D-"),
-              ("torch-pruning", ""): ("tab:green", "P-"), ("onnxsim-l2", ""): ("tab:olive", "x-")}
+              ("torch-pruning", ""): ("tab:green", "P-"), ("torch-pruning-round", ""): ("tab:cyan", "P--"),
+              ("onnxsim-l2", ""): ("tab:olive", "x-")}
     for (method, criterion), (colour, style) in styles.items():
         mine = [r for r in rows if r["method"] == method and r["criterion"] == criterion and r["test_accuracy"] is not None]
         points = [r for r in mine if r["target"].startswith("macs")]
@@ -499,14 +503,15 @@ def transfer_markdown(models: dict) -> list[str]:
     """How each transfer model was built (benchmarks/transfer_models.py's record)."""
     lines = ["## Transfer models", "",
              "Built by `.venv/bin/python benchmarks/transfer_models.py` (recipe in its docstring; seeds fixed, 2 Torch threads).", "",
-             "| model | base | input | trained layers | epochs | train images | augmentation | training time | accuracy (onnxruntime) |",
+             "| model | base | input | trained layers | epochs | train images | augmentation | training time (where) | accuracy (onnxruntime) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         r = m["recipe"]
         held = m.get("test") or m.get("val") or {}
         acc = f"{_pct(held.get('accuracy'))} % of {held.get('images', '?')} {'test' if 'test' in m else 'val'} images"
         lines.append(f"| `{m['file']}` | {r.get('base', '')} | {r['resolution']} px | {r['trainable']} | "
-                     f"{r['epochs']} | {m['train_images']} | {r.get('augmentation', '')} | {m['train_time_s']:.0f} s | {acc} |")
+                     f"{r['epochs']} | {m['train_images']} | {r.get('augmentation', '')} | {m['train_time_s']:.0f} s "
+                     f"({m.get('device') or m['machine']['cpu']}) | {acc} |")
     return lines + [""]
 
 
@@ -523,8 +528,11 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
         "rerun one case with the command under its heading, or everything with `.venv/bin/python benchmarks/run_benchmarks.py` "
         "after `.venv/bin/python benchmarks/transfer_models.py` (builds the transfer models into `build/benchmarks/models`).", "",
         f"Machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
-        f"torch {env['torch']}, numpy {env['numpy']}. No GPU. Latency: onnxruntime CPU provider, {THREADS} threads, "
+        f"torch {env['torch']}, numpy {env['numpy']}. Latency: onnxruntime CPU provider, {THREADS} threads, "
         "ORT_ENABLE_ALL, models timed alternately with the original; ratios are pruned / original medians.", "",
+        "CUDA execution provider: unmeasured. The one GPU machine lent so far (an NVIDIA H200, 2026-12-04) had onnxruntime "
+        "1.30 with the CPU and Azure providers only, and no onnxruntime-gpu build could be brought to it; it trained the "
+        "CIFAR-10 transfer model (see below).", "",
         "Protocol: nothing is fine-tuned. Calibration images come from the training split; onnx-basisprune holds out 30 % of them "
         "to search the strongest pruning within 1 point (`--max-drop 1`); test accuracy is measured on the separate test split. "
         "Sweep rows are budgets of MACs (the fraction that remains); the baselines are searched to the same MACs. "

@@ -199,9 +199,10 @@ class Preprocess:
             raise CalibrationDataError(f"resize must be positive, got {self.resize}")
 
     @classmethod
-    def default_for(cls, spec: InputSpec) -> Preprocess:
-        """The documented default for an image input with a known size (see module docstring)."""
-        height, width = _target_size(spec, None)
+    def default_for(cls, spec: InputSpec, size: tuple[int, int] | None = None) -> Preprocess:
+        """The documented default for an image input (see module docstring), at ``size``
+        (height, width) where the model's own is symbolic."""
+        height, width = _target_size(spec, None if size is None else cls(None, size, 1.0, (0.0,), (1.0,), False))
         short = min(height, width)
         resize = None if short <= SMALL_INPUT_PX else round(short * 256 / 224)
         return cls(resize, (height, width), *_default_values(spec), bgr=False)

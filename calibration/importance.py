@@ -29,12 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from onnx_basisprune.channel_refit import ConsumerInput
+from onnx_basisprune.channels.refit import ConsumerInput
 
 from .interpreter import OnnxTorchModule
-
-CRITERIA = ("taylor", "taylor-sq")
-LOSSES = ("labels", "self", "projection")
 
 
 @dataclass(frozen=True)
@@ -340,9 +337,3 @@ class _Moments:
 def _leaf(array: np.ndarray, device: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     return t.requires_grad_(True) if t.is_floating_point() else t
-
-
-def normalise_per_layer(values: np.ndarray) -> np.ndarray:
-    """L2-normalise one layer's importances (Molchanov 2016) so one global ranking works."""
-    norm = float(np.linalg.norm(values))
-    return values / norm if norm > 0 else values

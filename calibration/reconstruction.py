@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from onnx_basisprune.channel_refit import ConsumerInput
-from onnx_basisprune.reconstruct import InputMoments
+from onnx_basisprune.channels.refit import ConsumerInput
+from onnx_basisprune.basis.reconstruct import InputMoments
 
 from .importance import _input_rows, backward_passes, default_device
 from .interpreter import OnnxTorchModule

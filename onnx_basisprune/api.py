@@ -12,12 +12,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ranks
+from .basis.svd import energy_rank
 from .config import DataSource, PruneConfig
-from .job import run_main_job
-from .plans import data_free_plan, predicted_latency_ratio, use_measured_latency
-from .prepared import ModelLike, Prepared, PruneResult, apply_plan, as_ir, prepare
-from .svd import energy_rank
+from .pipeline.job import run_main_job
+from .pipeline.prepared import ModelLike, Prepared, PruneResult, apply_plan, as_ir, prepare
+from .plan import ranks
+from .plan.plans import data_free_plan, predicted_latency_ratio, use_measured_latency
 
 
 def decompose(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> PruneResult:

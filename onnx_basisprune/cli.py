@@ -70,7 +70,7 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 def _providers(text: str) -> tuple[str, ...]:
-    from .bench import EP_NAMES
+    from .runtime.session import EP_NAMES
 
     providers = tuple(p.lower() for p in _csv(text))
     if not providers or any(p not in EP_NAMES for p in providers):
@@ -97,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-drop", type=float, metavar="P", help="with --calib: strongest pruning whose held-out quality drops at most P points (default 1)")
     target.add_argument("--full-rank", action="store_true", help="only decompose at full rank (same outputs; to check exactness)")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
-    parser.add_argument("--latency-aware", action="store_true", help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster")
+    parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=None, help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster (default: on for --max-drop and --target-latency, off for params/MACs budgets)")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.add_argument("--report-md", metavar="R.md", help="write a Markdown report here, with PNG figures beside it (sweep, kept ranks)")
-    parser.add_argument("--no-bench", action="store_true", help="skip timing the original and pruned models on onnxruntime")
+    parser.add_argument("--no-bench", action="store_true", help="skip every timing: the search's candidates, the final speed check and the before/after table")
     parser.add_argument("--bench-batch", type=_batches, default=(1, 8), metavar="B,B", help="batch sizes for the before/after latency and for --latency-aware timings (default 1,8)")
     calib = parser.add_argument_group("calibration (the main job)")
     calib.add_argument("--calib", metavar="DATA", help="target-domain images (folder with class subfolders, or flat) or .npy/.npz arrays")
@@ -154,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         target_latency=args.target_latency, max_drop=args.max_drop, full_rank=args.full_rank, double=args.double,
         criterion=args.criterion, fit=args.fit or "sequential", tune=args.tune, channel_criterion=args.channel_criterion,
         provider=args.provider, latency_aware=args.latency_aware, latency_batches=args.bench_batch,
-        time_candidates=not args.no_bench, input_shapes=dict(args.input_shape) or None,
+        time_candidates=not args.no_bench, check_speed=not args.no_bench, input_shapes=dict(args.input_shape) or None,
         preprocessing=Preprocessing(args.resize, args.crop, args.scale, args.mean, args.std, args.bgr),
         batch_size=args.batch_size, device=args.device, seed=args.seed,
     )
@@ -162,8 +162,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import run
-    from .report import channel_table, file_size, layer_table, summary_table, write_json
-    from .shapes import unsized_inputs
+    from .report.tables import channel_table, file_size, layer_table, summary_table, write_json
+    from .io.shapes import unsized_inputs
 
     model_path = Path(args.model)
     output = Path(args.output) if args.output else default_output(model_path)
@@ -207,8 +207,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def _write_markdown(result, report: dict, path: Path) -> None:
-    from .figures import ranks_figure, sweep_figure
-    from .report import markdown_report
+    from .report.figures import ranks_figure, sweep_figure
+    from .report.tables import markdown_report
 
     stem = path.with_suffix("")
     figures = [f for f in (sweep_figure(result, f"{stem}.sweep.png"), ranks_figure(result, f"{stem}.ranks.png")) if f]
@@ -219,8 +219,9 @@ def _latency(original: Path, pruned: Path, batches: tuple[int, ...], shapes,
              skip: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Time original vs pruned on every working provider but those in ``skip`` (timed already by
     the speed check), alternating runs; print the table."""
-    from .bench import BenchConfig, available_providers, benchmark, format_bench
-    from .speed_check import latency_rows
+    from .runtime.bench import BenchConfig, benchmark, format_bench
+    from .runtime.session import available_providers
+    from .runtime.speed_check import latency_rows
 
     providers = tuple(p for p in available_providers() if p not in skip)
     if not providers:
@@ -234,11 +235,10 @@ def _latency(original: Path, pruned: Path, batches: tuple[int, ...], shapes,
 
 def run_inspect(argv: Sequence[str]) -> int:
     from .api import inspect
-    from .report import human, inspect_table
+    from .report.tables import human, inspect_table
 
     parser = argparse.ArgumentParser(prog=f"{PROG} inspect", description="Per layer: op, weight shape, full rank, break-even rank, ranks at 90/99/99.9%% energy, params and MACs.")
     parser.add_argument("model")
-    parser.add_argument("--latency-aware", action="store_true", help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
     args = parser.parse_args(argv)
     prepared, rows = inspect(args.model, dict(args.input_shape) or None)
@@ -249,7 +249,8 @@ def run_inspect(argv: Sequence[str]) -> int:
 
 def bench_parser() -> argparse.ArgumentParser:
     """``onnx-basisprune bench MODEL.onnx [MODEL.onnx ...]``."""
-    from .bench import ALGO_SEARCH_CHOICES, BenchConfig
+    from .runtime.bench import BenchConfig
+    from .runtime.session import ALGO_SEARCH_CHOICES
 
     defaults = BenchConfig()
     parser = argparse.ArgumentParser(prog=f"{PROG} bench", description="Time ONNX models on onnxruntime, alternating between them; ratios are to the first model.")
@@ -271,7 +272,7 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def run_bench(argv: Sequence[str]) -> int:
     """Run ``bench``: print the table, write JSON if asked."""
-    from .bench import BenchConfig, benchmark, format_bench
+    from .runtime.bench import BenchConfig, benchmark, format_bench
 
     args = bench_parser().parse_args(argv)
     config = BenchConfig(providers=tuple(args.providers), batches=tuple(args.batches), threads=args.threads,

@@ -127,6 +127,16 @@ def test_torch_pruning_taylor_hits_target(taylor, case):
     assert any(channels[i] < original[i] for i in stream)
 
 
+def test_torch_pruning_round_to_keeps_channel_counts_on_the_block(case, tmp_path):
+    """``torch-pruning-round``: Torch-Pruning's round_to, so channel counts stay multiples of the
+    provider's block (the fair latency baseline)."""
+    (result,) = B.torch_pruning_taylor_sweep(case["model"], case["calib"], None, "macs", [TARGET], limit=CALIB_N,
+                                             out_dir=tmp_path, max_steps=8, round_to=8, progress=False)
+    assert result.method == "torch-pruning-round" and result.setting["round_to"] == 8
+    channels = conv_out_channels(result.model_path)
+    assert channels != conv_out_channels(case["model"]) and all(c % 8 == 0 for c in channels)
+
+
 @pytest.fixture(scope="module")
 def onnxsim_results(case, tmp_path_factory) -> dict[str, B.BaselineResult]:
     out = tmp_path_factory.mktemp("onnxsim")

@@ -1,4 +1,4 @@
-"""Tests of onnx_basisprune.bench: structure, statistics, input handling, CLI (CPU), CUDA path (GPU only)."""
+"""Tests of onnx_basisprune.runtime.bench: structure, statistics, input handling, CLI (CPU), CUDA path (GPU only)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_basisprune import bench
+from onnx_basisprune.runtime import bench
 from onnx_basisprune.cli import bench_parser, main
-from onnx_basisprune.bench import (
+from onnx_basisprune.runtime.bench import (
     BenchConfig,
     BenchResult,
-    available_providers,
     benchmark,
     format_bench,
 )
+from onnx_basisprune.runtime.session import available_providers, make_runner, new_session
 
 FAST = BenchConfig(batches=(1, 2), threads=1, warmup=2, rounds=5)
 
@@ -72,7 +72,7 @@ def test_environment_records_dependencies(small_big_result: BenchResult) -> None
 def test_models_run_alternately() -> None:
     calls: list[str] = []
     runners = [lambda: calls.append("a"), lambda: calls.append("b")]
-    times = bench._time_alternating(runners, warmup=1, rounds=3)
+    times = bench.time_alternating(runners, warmup=1, rounds=3)
     assert calls == ["a", "b"] * 4
     assert [len(t) for t in times] == [3, 3]
 
@@ -84,8 +84,8 @@ def test_min_time_adds_rounds_up_to_ten_times() -> None:
         return float(next(ticks))
 
     noop = [lambda: None, lambda: None]
-    assert len(bench._time_alternating(noop, 0, rounds=2, min_time_s=5, clock=clock)[0]) == 5
-    assert len(bench._time_alternating(noop, 0, rounds=2, min_time_s=1e9, clock=clock)[0]) == 20
+    assert len(bench.time_alternating(noop, 0, rounds=2, min_time_s=5, clock=clock)[0]) == 5
+    assert len(bench.time_alternating(noop, 0, rounds=2, min_time_s=1e9, clock=clock)[0]) == 20
 
 
 def test_order_statistics_interval_for_the_median() -> None:
@@ -181,7 +181,7 @@ def test_cpu_fallback_warning_from_placement() -> None:
 
 
 def test_placement_is_read_from_a_real_session() -> None:
-    session = bench._new_session(conv_model(4).SerializeToString(), "cpu", threads=1, trt_cache_dir=None)
+    session = new_session(conv_model(4), "cpu", threads=1, timed=True)
     placed = bench._placement(session)
     assert set(placed) == {"CPUExecutionProvider"}
     assert sum(placed["CPUExecutionProvider"].values()) >= 1
@@ -242,8 +242,8 @@ def test_cuda_io_binding_and_fallback_warning() -> None:
     assert result.environment["gpu"]
     assert all(t.median_ms > 0 for c in result.cases for t in c.timings)
 
-    session = bench._new_session(conv_model(4).SerializeToString(), "cuda", threads=1, trt_cache_dir=None)
-    runner = bench._make_runner(session, {"x": np.ones((2, 3, 8, 8), np.float32)}, "cuda")
+    session = new_session(conv_model(4), "cuda", threads=1, timed=True)
+    runner = make_runner(session, {"x": np.ones((2, 3, 8, 8), np.float32)}, "cuda")
     runner()
     (output,) = runner._binding.get_outputs()
     assert output.device_name().lower() == "cuda"

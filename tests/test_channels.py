@@ -1,9 +1,9 @@
-"""Channel coupling and exact channel removal (onnx_basisprune.channels / channel_rewrite).
+"""Channel coupling and exact channel removal (onnx_basisprune.channels.analysis / channels.rewrite).
 
 Every case analyses a normalised model, removes a random 40 % of the prunable channel groups and
 checks the exactness contract: the channel-removed model gives the gated model's outputs (gates 0
 for the removed groups) on onnxruntime CPU, passes the full ONNX checker, its Conv/Gemm/MatMul
-weights really shrank, and ``analysis.cost`` equals what onnx_basisprune.cost measures on it.
+weights really shrank, and ``analysis.cost`` equals what onnx_basisprune.io.cost measures on it.
 Small hand-built graphs cover each coupling rule and each "unprunable, with reason" case;
 torchvision models (random weights, randomised BatchNorm) and the ../shared models cover real
 exports from both exporters.
@@ -22,12 +22,12 @@ import pytest
 from conftest import make_model, max_rel_error, random_feeds, run, shared_model
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_basisprune.prepared import as_ir as _as_ir, prepare
-from onnx_basisprune.channel_rewrite import RemoveChannelsPass, gated_model, remove_channels
-from onnx_basisprune.channels import ChannelAnalysis, analyse_channels
-from onnx_basisprune.cost import count_params, model_cost
-from onnx_basisprune.normalize import normalize
-from onnx_basisprune.shapes import infer_shapes
+from onnx_basisprune.pipeline.prepared import as_ir as _as_ir, prepare
+from onnx_basisprune.channels.rewrite import RemoveChannelsPass, gated_model, remove_channels
+from onnx_basisprune.channels.analysis import ChannelAnalysis, analyse_channels
+from onnx_basisprune.io.cost import count_params, model_cost
+from onnx_basisprune.io.normalize import normalize
+from onnx_basisprune.io.shapes import infer_shapes
 
 TOL = 1e-5
 F = TensorProto.FLOAT
@@ -489,7 +489,7 @@ def test_shared_initializers_are_sliced_per_use():
     for seed in range(3):
         summary = check_graph(proto, fraction=0.3, seed=seed)
     assert summary["prunable"] == 32
-    assert len(summary["analysis"]._plan.shared_inits) == 2
+    assert len(summary["analysis"].plan.shared_inits) == 2
 
 
 @pytest.mark.parametrize("opset", [9, 18])
@@ -698,7 +698,7 @@ def test_refused_removals(small):
     with pytest.raises(ValueError, match="not prunable"):
         remove_channels(model, analysis, [unprunable])
     with pytest.raises(ValueError, match="not prunable"):
-        analysis.cost(analysis._plan.prunable | (np.arange(len(analysis.groups)) == unprunable))
+        analysis.cost(analysis.plan.prunable | (np.arange(len(analysis.groups)) == unprunable))
     first_conv = next(iter(analysis.layer_channels().values()))[0]
     everything = sorted(set(first_conv.tolist()))
     assert analysis.emptied(analysis.removed_mask(everything))

@@ -472,7 +472,7 @@ def test_block_1_keeps_exact_energy_ranks(cnn, monkeypatch):
     monkeypatch.setenv("BASISPRUNE_BLOCK", "1")
     prepared = prepare(cnn)
     result = prune(cnn, energy=0.9)
-    from onnx_basisprune.svd import energy_rank
+    from onnx_basisprune.basis.svd import energy_rank
 
     for layer in result.layers:
         if layer.action in ("decomposed", "recomposed"):
@@ -513,7 +513,7 @@ def test_existing_value_and_initializer_names_do_not_collide():
 def test_budget_ranking_is_per_unit_of_the_budgeted_cost(cnn):
     """Under a MACs budget a basis of a layer with many output positions is worth more MACs:
     scores are divided by each layer's per-basis cost (params or MACs)."""
-    from onnx_basisprune import ranks
+    from onnx_basisprune.plan import ranks
     from onnx_basisprune.api import prepare
 
     prepared = prepare(cnn)

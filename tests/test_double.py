@@ -1,5 +1,5 @@
-"""Double pruning: choosing channel groups (channel_select), the least-squares refit of the
-layers that lose input channels (channel_refit and the moments gathered for it), and ``--double``
+"""Double pruning: choosing channel groups (channels.select), the least-squares refit of the
+layers that lose input channels (channels.refit and the moments gathered for it), and ``--double``
 end to end on the built-in example.
 
 Channel analysis and exact removal are covered by test_channels.py, basis importance by
@@ -25,13 +25,13 @@ from test_channels import Builder, group_of, image, normalised, out
 
 from onnx_basisprune.calibration.importance import ChannelSite, _input_rows, _Moments, measure_channel_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
-from onnx_basisprune.channel_refit import ConsumerInput, refit_consumers, refittable_consumers
-from onnx_basisprune.channel_rewrite import remove_channels
-from onnx_basisprune.channel_select import family_scores, per_unit_cost, removal_at, removal_for_budget
-from onnx_basisprune.channels import ChannelAnalysis, analyse_channels
+from onnx_basisprune.channels.refit import ConsumerInput, refit_consumers, refittable_consumers
+from onnx_basisprune.channels.rewrite import remove_channels
+from onnx_basisprune.channels.select import family_scores, per_unit_cost, removal_at, removal_for_budget
+from onnx_basisprune.channels.analysis import ChannelAnalysis, analyse_channels
 from onnx_basisprune.cli import main
-from onnx_basisprune.cost import count_params, model_cost
-from onnx_basisprune.ranks import align
+from onnx_basisprune.io.cost import count_params, model_cost
+from onnx_basisprune.plan.ranks import align
 
 F = TensorProto.FLOAT
 EXAMPLE = EXAMPLE_MODEL.parent

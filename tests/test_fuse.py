@@ -9,12 +9,12 @@ import pytest
 from conftest import assert_same_outputs, low_rank_weight, make_model, tensor
 from onnx import TensorProto, helper
 
-from onnx_basisprune import ranks
+from onnx_basisprune.plan import ranks
 from onnx_basisprune.api import prune
-from onnx_basisprune.prepared import apply_plan, prepare
-from onnx_basisprune.cost import model_cost
-from onnx_basisprune.fuse import fuse_linear
-from onnx_basisprune.rewrite import META_LAYER, META_ROLE
+from onnx_basisprune.pipeline.prepared import apply_plan, prepare
+from onnx_basisprune.io.cost import model_cost
+from onnx_basisprune.basis.fuse import fuse_linear
+from onnx_basisprune.basis.rewrite import META_LAYER, META_ROLE
 
 F32, F16, F64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_basisprune import svd as svdlib
+from onnx_basisprune.basis import svd as svdlib
 from onnx_basisprune.calibration.importance import ChannelSite, Gate, choose_loss, measure_channel_importance, measure_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 

@@ -9,9 +9,9 @@ import pytest
 
 from onnx_basisprune import prune
 from onnx_basisprune.api import prepare
-from onnx_basisprune.plans import use_measured_latency
+from onnx_basisprune.plan.plans import use_measured_latency
 from onnx_basisprune.cli import main
-from onnx_basisprune.ranks import block_size
+from onnx_basisprune.plan.ranks import block_size
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "digits" / "model.onnx"
 
@@ -30,7 +30,7 @@ def test_measured_break_even_replaces_the_cost_model():
 
 
 def test_break_even_is_the_smallest_over_the_batch_sizes():
-    from onnx_basisprune.latency import measure_latency_table
+    from onnx_basisprune.runtime.latency import measure_latency_table
 
     prepared = prepare(MODEL)
     measured, first = use_measured_latency(prepared, "cpu", block_size("cpu"), batches=(1, 8))

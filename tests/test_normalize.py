@@ -10,9 +10,9 @@ import pytest
 from conftest import assert_same_outputs, initializer_params, make_model, random_feeds, run, tensor
 from onnx import TensorProto, helper
 
-import onnx_basisprune.modelio as modelio
+import onnx_basisprune.io.model_io as modelio
 from onnx_basisprune import BasisPruneError, decompose, prune
-from onnx_basisprune.normalize import normalize
+from onnx_basisprune.io.normalize import normalize
 
 SPATIAL = (20, 21)
 X = [("x", TensorProto.FLOAT, ["N", 16, *SPATIAL])]

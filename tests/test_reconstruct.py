@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_basisprune.reconstruct import InputMoments, fit_layer
+from onnx_basisprune.basis.reconstruct import InputMoments, fit_layer
 
 
 def _moments(xp: np.ndarray, xo: np.ndarray) -> InputMoments:

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from conftest import make_model, tensor
-from onnx_basisprune import ranks
-from onnx_basisprune.prepared import prepare, rewritten
+from onnx_basisprune.plan import ranks
+from onnx_basisprune.pipeline.prepared import prepare, rewritten
 from onnx_basisprune.calibration.importance import _input_rows
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 from onnx_basisprune.calibration.reconstruction import LayerSite, layer_statistics, sampled_rows
 from onnx_basisprune.calibration.tuning import tune
-from onnx_basisprune.channel_refit import ConsumerInput
-from onnx_basisprune.data_aware import (SequentialBuilder, allocation_scores, layer_targets, tuning_sites, with_factors,
+from onnx_basisprune.channels.refit import ConsumerInput
+from onnx_basisprune.basis.data_aware import (SequentialBuilder, allocation_scores, layer_targets, tuning_sites, with_factors,
                                         with_tuning)
-from onnx_basisprune.reconstruct import fit_layer
-from onnx_basisprune.search import session
+from onnx_basisprune.basis.reconstruct import fit_layer
+from onnx_basisprune.runtime.session import new_session as session
 
 BATCH = 16
 

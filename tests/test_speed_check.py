@@ -7,9 +7,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnx_basisprune import speed_check
-from onnx_basisprune.rewrite import Decision
-from onnx_basisprune.speed_check import check_speed, measured_faster
+from onnx_basisprune.runtime import speed_check
+from onnx_basisprune.basis.rewrite import Decision
+from onnx_basisprune.runtime.speed_check import check_speed, measured_faster
 
 
 def _rows(*ratios: float) -> list[dict]:

@@ -1,15 +1,20 @@
-"""The pure numerical core (onnx_basisprune/svd.py) against numpy alone."""
+"""The pure numerical core (onnx_basisprune/basis/svd.py) against numpy alone."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnx_basisprune import svd as svdlib
+from onnx_basisprune.basis import svd as svdlib
 
 
 def _weights(groups: int, out_g: int, fan_in: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((groups, out_g, fan_in))
+
+
+def _recompose(dec: svdlib.GroupedSVD, keep: np.ndarray) -> np.ndarray:
+    """The truncated weight ``U_K S_K V_K^T`` per group, as a recomposed layer computes it."""
+    return svdlib.scaling_matrix(dec, keep) @ svdlib.kept_rows(dec, keep)
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 10), (1, 10, 6), (3, 4, 4), (2, 7, 27), (4, 1, 9), (1, 5, 1)])
@@ -25,7 +30,7 @@ def test_grouped_svd_reconstructs_in_float64(shape):
     back = np.einsum("gor,gr,grk->gok", dec.u, dec.s, dec.vt)
     assert np.abs(back - w).max() <= 1e-12 * max(1.0, np.abs(w).max())
     # recompose with every basis kept is the same reconstruction
-    full = svdlib.recompose(dec, svdlib.top_keep(dec.groups, r))
+    full = _recompose(dec, svdlib.top_keep(dec.groups, r))
     np.testing.assert_allclose(full, w, rtol=0, atol=1e-12)
 
 
@@ -33,7 +38,7 @@ def test_grouped_svd_accepts_float32_and_computes_in_float64():
     w = _weights(2, 5, 8).astype(np.float32)
     dec = svdlib.grouped_svd(w)
     assert dec.vt.dtype == np.float64
-    back = svdlib.recompose(dec, svdlib.top_keep(2, 5))
+    back = _recompose(dec, svdlib.top_keep(2, 5))
     np.testing.assert_allclose(back, w.astype(np.float64), rtol=0, atol=1e-12)
 
 
@@ -74,7 +79,7 @@ def test_signs_fixed_even_when_lapack_returns_negative_pivots():
         pytest.skip("no negative pivot found")
     dec = svdlib.grouped_svd(w)
     assert np.all(np.take_along_axis(dec.vt, np.abs(dec.vt).argmax(axis=2)[:, :, None], axis=2) > 0)
-    np.testing.assert_allclose(svdlib.recompose(dec, svdlib.top_keep(1, 4)), w, atol=1e-12)
+    np.testing.assert_allclose(_recompose(dec, svdlib.top_keep(1, 4)), w, atol=1e-12)
 
 
 def test_energy_rank():
@@ -117,7 +122,7 @@ def test_truncation_with_a_non_trivial_keep_set():
     dec = svdlib.grouped_svd(mats)
     keep = np.array([[0, 2, 5], [1, 3, 4]])
 
-    basis = svdlib.basis_conv_weight(dec, keep, (c_in_g, *k))
+    basis = svdlib.kept_rows(dec, keep).reshape(-1, c_in_g, *k)
     assert basis.shape == (groups * 3, c_in_g, *k)
     for g in range(groups):
         for j, idx in enumerate(keep[g]):
@@ -128,7 +133,7 @@ def test_truncation_with_a_non_trivial_keep_set():
     for g in range(groups):
         np.testing.assert_allclose(scaling[g], dec.u[g][:, keep[g]] * dec.s[g][keep[g]], rtol=0, atol=0)
 
-    truncated = svdlib.recompose(dec, keep)
+    truncated = _recompose(dec, keep)
     assert truncated.shape == mats.shape
     for g in range(groups):
         kept = keep[g]
@@ -146,7 +151,7 @@ def test_top_keep_truncation_is_the_best_low_rank_approximation():
     w = _weights(1, 8, 8, seed=5)
     dec = svdlib.grouped_svd(w)
     for r in range(1, 8):
-        err = np.linalg.norm(w[0] - svdlib.recompose(dec, svdlib.top_keep(1, r))[0], 2)
+        err = np.linalg.norm(w[0] - _recompose(dec, svdlib.top_keep(1, r))[0], 2)
         assert err == pytest.approx(dec.s[0, r], rel=1e-10)
 
 

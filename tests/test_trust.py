@@ -15,13 +15,13 @@ from conftest import EXAMPLE_MODEL, make_model, shared_model
 from onnx import TensorProto, helper
 
 from onnx_basisprune.api import prepare
-from onnx_basisprune.calibrated import load_calibration_data
+from onnx_basisprune.pipeline.calibrated import load_calibration_data
 from onnx_basisprune.cli import build_parser, config_from_args, main
-from onnx_basisprune.cost import ModelCost
-from onnx_basisprune.prepared import PruneResult
+from onnx_basisprune.io.cost import ModelCost
+from onnx_basisprune.pipeline.prepared import PruneResult
 from onnx_basisprune.errors import BasisPruneError
-from onnx_basisprune.report import markdown_report, summary_table
-from onnx_basisprune.search import (
+from onnx_basisprune.report.tables import markdown_report, summary_table
+from onnx_basisprune.plan.search import (
     CONFIDENCE,
     Evaluator,
     Quality,

@@ -21,9 +21,11 @@ import torch
 from conftest import assert_same_outputs, low_rank_weight, make_model, run, session, tensor
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_basisprune import BasisPruneError, decompose, prepare, prune, ranks, rewrite
-from onnx_basisprune.plans import budget_plan, data_free_plan
-from onnx_basisprune.prepared import apply_plan, plan_cost
+from onnx_basisprune import BasisPruneError, decompose, prepare, prune
+from onnx_basisprune.plan import ranks
+from onnx_basisprune.basis import rewrite
+from onnx_basisprune.plan.plans import budget_plan, data_free_plan
+from onnx_basisprune.pipeline.prepared import apply_plan, plan_cost
 from onnx_basisprune.cli import main
 
 PREFIX = "onnx-basisprune: error:"
