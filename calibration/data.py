@@ -261,8 +261,8 @@ def _target_size(spec: InputSpec, pre: Preprocess | None) -> tuple[int, int]:
     if crop is None:
         if None in model:
             raise CalibrationDataError(
-                f"input '{spec.name}' has symbolic height/width {_fmt_shape(model)}; "
-                "give the size as Preprocess(crop=(H, W), ...)")
+                f"input '{spec.name}' has symbolic height/width {_fmt_shape(model)}: give the image size "
+                f"(--input-shape {spec.name}=1x{spec.channels}xHxW or --crop N; in Python Preprocess(crop=(H, W), ...))")
         return model  # type: ignore[return-value]
     if any(m is not None and m != c for m, c in zip(model, crop)):
         raise CalibrationDataError(f"crop {crop} does not match input '{spec.name}' size {_fmt_shape(model)}")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import assert_same_outputs, low_rank_weight, make_model, run, session, tensor
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from onnx_basisprune import BasisPruneError, decompose, prepare, prune
 from onnx_basisprune.plan import ranks
@@ -332,3 +333,25 @@ def test_real_models_with_symbolic_size(wheel_models, tmp_path, case):
     for want, got in zip(run(source, {name: x}), run(tmp_path / "full.onnx", {name: x})):
         assert np.abs(got - want).max() <= 1e-3 * max(np.abs(want).max(), 1.0)
     prune(source, energy=0.95).save(tmp_path / "energy.onnx")
+
+
+def test_calibration_on_symbolic_input_size(symbolic_model, tmp_path, capsys):
+    """--calib with a model of symbolic height/width: arrays carry their size; an image folder
+    needs it (--input-shape or --crop) and says so in one line; with it the main job runs and its
+    MACs are counted at the data's size."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / str(i % 2) / f"{i}.png")
+    out = tmp_path / "net.pruned.onnx"
+    code, _, err = _cli(capsys, symbolic_model, "--calib", folder, "--target-params", "0.7", "-o", out)
+    assert code == 2 and "symbolic height/width" in err and "--input-shape image=1x3xHxW" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    code, stdout, err = _cli(capsys, symbolic_model, "--calib", folder, "--input-shape", "image=1x3x32x32",
+                             "--target-params", "0.7", "--unlabeled", "--no-bench", "-o", out)
+    assert code == 0, err
+    assert "centre-crop 32x32" in stdout or "resize to 32x32" in stdout
+    x = rng.standard_normal((24, 3, 28, 28)).astype(np.float32)
+    result = prune(symbolic_model, calib={"image": x}, target_params=0.7, progress=False)
+    assert result.pruned.params <= 0.7 * result.original.params and result.original.macs > 0

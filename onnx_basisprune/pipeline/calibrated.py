@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from ..basis.rewrite import META_LAYER, META_ROLE, Decision
 from ..basis.svd import BasisStats
-from ..config import DataSource, Preprocessing, PruneConfig, Target
+from ..config import DataSource, PruneConfig, Target
 from ..errors import BasisPruneError
 from ..io.cost import ModelCost
 from ..io.shapes import unsized_inputs
@@ -61,13 +61,29 @@ def layer_scores(importance: Mapping[str, np.ndarray], groups: Mapping[str, int]
     return out
 
 
-def _preprocess(spec, overrides: Preprocessing):
+def _image_size(spec, config: PruneConfig) -> tuple[int, int] | None:
+    """(height, width) images are brought to: ``--crop``, else the input's size from
+    ``--input-shape``, else the model's own; None where all are unknown (symbolic)."""
+    if config.preprocessing.crop:
+        return config.preprocessing.crop, config.preprocessing.crop
+    shape = (config.input_shapes or {}).get(spec.name)
+    if shape is not None and len(shape) == 4:
+        return tuple(shape[2:4]) if spec.layout == "NCHW" else tuple(shape[1:3])
+    return None if None in (spec.height, spec.width) else (spec.height, spec.width)
+
+
+def _preprocess(spec, config: PruneConfig):
+    """The default preprocessing for the model's image input with the user's overrides; None
+    when the image size is unknown (arrays need none; an image folder then asks for the size)."""
     from ..calibration.data import Preprocess
 
-    pre = Preprocess.default_for(spec)
+    size = _image_size(spec, config)
+    if size is None:
+        return None
+    overrides = config.preprocessing
+    pre = Preprocess.default_for(spec, size)
     fields = {
         "resize": overrides.resize,
-        "crop": (overrides.crop, overrides.crop) if overrides.crop else None,
         "scale": overrides.scale,
         "mean": overrides.mean,
         "std": overrides.std,
@@ -84,7 +100,7 @@ def _load_data(config: PruneConfig, proto, num_classes: int | None):
     from ..calibration.data import InputSpec, load_calibration
 
     specs = InputSpec.from_model(proto)
-    pre = _preprocess(specs[0], config.preprocessing) if len(specs) == 1 and specs[0].layout in ("NCHW", "NHWC") else None
+    pre = _preprocess(specs[0], config) if len(specs) == 1 and specs[0].layout in ("NCHW", "NHWC") else None
     if pre is not None and config.progress:
         print(f"preprocessing: {pre.describe()}")
 
