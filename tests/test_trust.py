@@ -261,3 +261,14 @@ def test_imagenet_model_on_ants_and_bees_is_judged_by_agreement(shared_dir, caps
     out = capsys.readouterr().out
     assert "unlabeled: 2 class folders, the model has 1000 outputs and no --labels maps them" in out
     assert data.evaluator.metric == "agreement" and data.evaluator.original == 1.0 and data.loss == "self"
+
+
+def test_one_bisection_serves_budgets_and_searches():
+    from onnx_basisprune.plan.bisection import first_fitting, last_passing
+
+    calls: list[int] = []
+    for k in range(11):
+        assert first_fitting(10, lambda i, k=k: calls.append(i) or i >= k) == k
+    assert first_fitting(10, lambda i: False) is None
+    assert len(calls) <= 11 * 6  # logarithmic, not a scan
+    assert [last_passing(0, 10, lambda i, k=k: i <= k) for k in range(10)] == list(range(10))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..plan.bisection import first_fitting
 from ..plan.ranks import align, l2_normalised
 from .analysis import ChannelAnalysis
 
@@ -84,13 +85,9 @@ def removal_for_budget(analysis: ChannelAnalysis, scores: ChannelScores, measure
     """The removal at the lowest threshold whose ``measure`` (params or MACs of the model, non-
     increasing in the threshold) is within ``budget``; None when even the strongest misses."""
     thresholds = np.append(scores.thresholds(), np.inf)
-    lo, hi = 0, len(thresholds) - 1
-    if measure(removal_at(analysis, scores, thresholds[hi], block)) > budget:
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if measure(removal_at(analysis, scores, thresholds[mid], block)) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return removal_at(analysis, scores, thresholds[lo], block)
+
+    def removal(i: int) -> np.ndarray:
+        return removal_at(analysis, scores, thresholds[i], block)
+
+    first = first_fitting(len(thresholds) - 1, lambda i: measure(removal(i)) <= budget)
+    return None if first is None else removal(first)

@@ -20,6 +20,7 @@ from ..basis.layers import Layer
 from ..basis.rewrite import Decision
 from ..basis.svd import energy_rank, top_keep
 from ..runtime.machine import cpuinfo
+from .bisection import first_fitting
 
 
 @dataclass(frozen=True)
@@ -161,15 +162,10 @@ def budget_plan(
     ``measure`` is monotone non-increasing in the threshold (params or MACs of the model), so a
     bisection over the candidate thresholds finds it. None when even the strongest pruning misses.
     """
-    thresholds = candidate_thresholds(scores)
-    lo, hi = 0, len(thresholds)  # search the first index whose plan fits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if measure(threshold_plan(layers, scores, thresholds[mid], block)) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo == len(thresholds):
-        strongest = threshold_plan(layers, scores, np.inf, block)
-        return strongest if measure(strongest) <= budget else None
-    return threshold_plan(layers, scores, thresholds[lo], block)
+    thresholds = np.append(candidate_thresholds(scores), np.inf)
+
+    def plan_at(i: int) -> dict[str, Decision]:
+        return threshold_plan(layers, scores, thresholds[i], block)
+
+    first = first_fitting(len(thresholds) - 1, lambda i: measure(plan_at(i)) <= budget)
+    return None if first is None else plan_at(first)

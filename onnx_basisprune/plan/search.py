@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ..basis.rewrite import Decision
 from ..errors import BasisPruneError
+from .bisection import last_passing
 from ..runtime.session import new_session
 from . import ranks
 
@@ -78,18 +79,6 @@ def images_to_certify(max_drop: float, lost: int) -> int | None:
     while not fits(hi):
         lo, hi = hi, 2 * hi
     return last_passing(lo, hi, lambda n: not fits(n)) + 1
-
-
-def last_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
-    """The last integer in [lo, hi) that ``passes``, by bisection, for a test that holds up to
-    some point and fails after it: ``lo`` passes (or is known too small), ``hi`` fails."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def describe_change(drop: float, drop_bound: float) -> str:
