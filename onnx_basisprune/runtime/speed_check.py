@@ -29,20 +29,21 @@ class SpeedCheck:
     provider: str
     latency: list[dict]  # per batch size: original_ms, pruned_ms, ratio, ratio_ci (the final model)
     faster: bool
-    recomposed: tuple[str, ...]  # layers recomposed because the split model was not faster
+    recomposed: tuple[str, ...]  # layers recomposed because the split model was not faster (kept: it helped)
     retimed: int  # timings after the first
     environment: dict[str, str]  # where it was timed (bench's record: CPU, threads, versions, date)
+    tried: int = 0  # layers recomposed on trial when that did not make the model faster (then undone)
 
     def to_json(self) -> dict:
         return {"provider": self.provider, "faster": self.faster, "recomposed": list(self.recomposed),
-                "retimed": self.retimed, "latency": self.latency}
+                "retimed": self.retimed, "tried_and_undone": self.tried, "latency": self.latency}
 
     def describe(self) -> str:
         ratios = ", ".join(f"batch {row['batch']} {row['ratio']:.3f}" for row in self.latency)
         verdict = "faster" if self.faster else "NOT faster than the original (the ratio's 95% interval reaches 1)"
-        done = (f"; {len(self.recomposed)} split layers that saved least were recomposed to get there"
-                if self.recomposed and self.faster else
-                f"; recomposing {len(self.recomposed)} split layers did not help" if self.recomposed else "")
+        done = (f"; {len(self.recomposed)} split layers that saved least were recomposed to get there" if self.recomposed
+                else f"; recomposing all {self.tried} split layers did not make it faster either, so none was"
+                if self.tried else "")
         return f"speed check on {self.provider}: latency ratio {ratios}: {verdict}{done}"
 
 
@@ -82,9 +83,10 @@ def check_speed(original: ir.Model, decisions: Mapping[str, Decision], build: Ca
     """Time the model ``decisions`` build against ``original``; while it is not faster (and
     ``may_recompose``), recompose the split layers with the smallest ``savings`` (a quarter of
     those left each time) and time again. Returns the final decisions, their model and the check."""
-    decisions = dict(decisions)
-    model = build(decisions)
+    first = dict(decisions)
+    decisions, model = dict(first), build(first)
     rows, environment = time_against(original, model, provider, batches, input_shapes)
+    start = (model, rows)
     split = sorted((name for name, d in decisions.items() if d.action == "decomposed"), key=lambda n: savings.get(n, 0.0))
     recomposed: list[str] = []
     retimed = 0
@@ -100,4 +102,9 @@ def check_speed(original: ir.Model, decisions: Mapping[str, Decision], build: Ca
         model = build(decisions)
         rows, environment = time_against(original, model, provider, batches, input_shapes)
         retimed += 1
-    return decisions, model, SpeedCheck(provider, rows, measured_faster(rows), tuple(recomposed), retimed, environment)
+    if recomposed and not measured_faster(rows):  # it did not help: keep the pruned model
+        (model, rows), decisions, tried, recomposed = start, first, len(recomposed), []
+    else:
+        tried = 0
+    return decisions, model, SpeedCheck(provider, rows, measured_faster(rows), tuple(recomposed), retimed, environment,
+                                        tried)
