@@ -288,8 +288,10 @@ def baselines(case: Case, work: Path) -> list[Row]:
 
     results = run_baselines(case.model, case.calib, None, "macs", list(case.sweep), BASELINES, limit=case.limit,
                             out_dir=work, progress=False)
-    return [Row(r.method, "", f"macs {r.target:g}", r.params, r.macs, seconds=round(r.seconds, 1),
-                path=r.model_path if r.reached or r.model_path else "", note=r.note) for r in results]
+    # a baseline that missed the budget is a "not reached" row with its reason, not a model at another budget
+    return [Row(r.method, "", f"macs {r.target:g}", r.params, r.macs, seconds=round(r.seconds, 1), path=r.model_path,
+                note=r.note) if r.reached else Row(r.method, "", f"macs {r.target:g}", note=r.note or "not reached")
+            for r in results]
 
 
 def run_case(case: Case, out: Path) -> dict:
