@@ -321,7 +321,7 @@ def run_case(case: Case, out: Path) -> dict:
         "calib_limit": case.limit, "block": case.block, "test_n": len(tester.data), "sweep_macs": list(case.sweep),
         "unseen": {"n": unseen_n, "original_accuracy": unseen_accuracy},
         **info,
-        "rows": [row.__dict__ for row in rows],
+        "rows": [{**row.__dict__, "path": _relative(Path(row.path)) if row.path else ""} for row in rows],
         "seconds": round(time.perf_counter() - started, 1),
         "environment": environment(),
         "command": f".venv/bin/python benchmarks/run_benchmarks.py --cases {case.name}",

@@ -711,6 +711,18 @@ def build(key: str, shared: Path, out: Path, epochs: int | None, data_root: Path
     }
 
 
+def relative_paths(value):
+    """``value`` (the JSON record) with paths under the checkout's folder written relative to the
+    repository (``build/...``, ``../shared/...``), not as the absolute paths of this machine."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(v) for v in value]
+    if isinstance(value, str):
+        return value.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "benchmarks" / "models",
@@ -762,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{path} exists, skipped (--force rebuilds)")
             continue
         record[RECIPES[key].name] = build(key, shared, args.out, args.epochs, data_root, data_info, args.trained)
-        json_path.write_text(json.dumps(record, indent=2) + "\n")  # after each model
+        json_path.write_text(json.dumps(relative_paths(record), indent=2) + "\n")  # after each model
         log(f"wrote {json_path}")
     return 0
 

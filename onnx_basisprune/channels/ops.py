@@ -35,6 +35,16 @@ _BINARY = {
 }  # fmt: skip
 
 
+def _with_entry(original: np.ndarray, k: int, value: int) -> np.ndarray | None:
+    """A constant shape/index array with entry ``k`` set to ``value`` (None: already so), for the
+    value edits that follow the channels kept."""
+    if value == original[k]:
+        return None
+    arr = original.copy()
+    arr[k] = value
+    return arr
+
+
 def _merge_map(in_dims: tuple[int, ...], a: int, out_dims: tuple[int, ...]) -> tuple[int, int] | None:
     """For a reshape of ``in_dims`` (channel axis ``a``) to ``out_dims``: (b, inner) when output axis
     b is the row-major merge of input axes [i0, i1) with 1 <= i0 <= a < i1 and b >= 1 (the batch
@@ -452,22 +462,12 @@ def slice_(walk: Walker, node: ir.Node) -> None:
     def new_starts(original, kept, s=s, k=k, x=x.name):
         if kept.count(x) == walk.tensors[x].size:
             return None
-        value = int(kept.mask(x)[:s].sum())
-        if value == original[k]:
-            return None
-        arr = original.copy()
-        arr[k] = value
-        return arr
+        return _with_entry(original, k, int(kept.mask(x)[:s].sum()))
 
     def new_ends(original, kept, e=e, k=k, x=x.name):
         if kept.count(x) == walk.tensors[x].size or original[k] >= walk.tensors[x].size:
             return None  # slices to the end
-        value = int(kept.mask(x)[:e].sum())
-        if value == original[k]:
-            return None
-        arr = original.copy()
-        arr[k] = value
-        return arr
+        return _with_entry(original, k, int(kept.mask(x)[:e].sum()))
 
     walk.value_edits.append(ValueEdit(node.name, 1, new_starts, walk.const(node.inputs[1])))
     walk.value_edits.append(ValueEdit(node.name, 2, new_ends, walk.const(node.inputs[2])))
@@ -597,12 +597,7 @@ def reshape(walk: Walker, node: ir.Node) -> None:
         raise Unsupported(f"Reshape '{node.name}' target fixes the channel count at run time")
 
     def new_target(original, kept, o=out.name, b=b):
-        value = kept.count(o)
-        if value == original[b]:
-            return None
-        arr = original.copy()
-        arr[b] = value
-        return arr
+        return _with_entry(original, b, kept.count(o))
 
     walk.value_edits.append(ValueEdit(node.name, 1, new_target, walk.const(node.inputs[1])))
 
@@ -634,12 +629,7 @@ def resize(walk: Walker, node: ir.Node) -> None:
         if k is not None:
 
             def new_sizes(original, kept, o=out.name, k=k):
-                value = kept.count(o)
-                if value == original[k]:
-                    return None
-                arr = original.copy()
-                arr[k] = value
-                return arr
+                return _with_entry(original, k, kept.count(o))
 
             walk.value_edits.append(ValueEdit(node.name, index_sizes, new_sizes, c))
     if out.size != x.size:

@@ -29,7 +29,7 @@ from ..plan import ranks
 from ..plan.plans import budget_plan, predicted_latency_ratio, use_measured_latency
 from ..plan.search import CONFIDENCE, Evaluator, SweepPoint, chance_problem, describe_change, drop_bound, images_to_certify, max_drop_plan, model_predictions
 from ..runtime.speed_check import check_speed
-from .prepared import Prepared, PruneResult, apply_plan, plan_cost, rewritten
+from .prepared import Prepared, PruneResult, apply_plan, final_model, plan_cost, rewritten
 
 if TYPE_CHECKING:
     from ..runtime.latency import LatencyTable
@@ -346,7 +346,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     speed = None
     if final and config.check_speed and not unsized_inputs(prepared.model, prepared.input_shapes):
         decisions, model, speed = check_speed(
-            evaluator.reference, decisions, lambda d: apply_plan(prepared, d).model, _savings(prepared, decisions, table),
+            evaluator.reference, decisions, lambda d: final_model(prepared, d), _savings(prepared, decisions, table),
             config.provider, config.latency_batches, prepared.input_shapes, may_recompose=target.kind in ("max-drop", "latency"),
             progress=verbose)
         if verbose:

@@ -169,14 +169,17 @@ def rewritten(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool =
     return model
 
 
+def final_model(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False, fuse: bool = True) -> ir.Model:
+    """The model handed over for ``plan``: rewritten, and with ``fuse`` the consecutive linear
+    nodes the split leaves merged (:mod:`onnx_basisprune.basis.fuse`) where that costs no more."""
+    model = rewritten(prepared, plan, in_place)
+    return fuse_linear(model)[0] if fuse else model
+
+
 def apply_plan(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False, fuse: bool = True,
                model: ir.Model | None = None) -> PruneResult:
-    """Rewrite the prepared model by ``plan`` (or take ``model``, already built so) and measure
-    the result. ``fuse`` merges the consecutive linear nodes the split leaves (:mod:`onnx_basisprune.basis.fuse`)
-    where that costs no more."""
-    model = model if model is not None else rewritten(prepared, plan, in_place)
-    if fuse:
-        model, _ = fuse_linear(model)
+    """The :func:`final_model` of ``plan`` (or ``model``, already made so) and its costs."""
+    model = model if model is not None else final_model(prepared, plan, in_place, fuse)
     pruned = model_cost(model, infer_shapes(model, prepared.input_shapes))
     return PruneResult(model, prepared.original, pruned, layer_reports(prepared.layers, plan),
                        input_shapes=prepared.input_shapes)
