@@ -73,6 +73,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class PassSettings:
+    """How a forward/backward pass walks the calibration batches: the loss (:func:`choose_loss`),
+    the number of batches expected (``total``: progress bar and row sampling rates), the Torch
+    device (None: CUDA when available), the seed, and whether to show progress."""
+
+    loss: str
+    total: int | None = None
+    device: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def on(self) -> str:
+        """The device the pass runs on."""
+        return self.device or default_device()
+
+
 def _per_sample_rows(out: torch.Tensor) -> torch.Tensor:
     """An output as (samples, features); a scalar output is one row of one feature."""
     return out.reshape(out.shape[0], -1) if out.dim() else out.reshape(1, 1)
@@ -92,12 +110,8 @@ def _taylor_batches(
     module: OnnxTorchModule,
     sites: Mapping[str, int],
     batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
+    settings: PassSettings,
     *,
-    loss: str,
-    total: int | None,
-    device: str,
-    seed: int,
-    progress: bool,
     on_forward: Callable[[str, torch.Tensor], None] | None = None,
     observe: Iterable[str] = (),
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
@@ -105,7 +119,7 @@ def _taylor_batches(
     on every channel of every site tensor (name -> channel axis), and the batch size.
     ``on_forward(name, tensor)`` sees each site tensor, and each ``observe`` tensor, as it is
     computed."""
-    module = module.to(device).eval()
+    module = module.to(settings.on).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     per_sample: dict[str, torch.Tensor] = {}
@@ -133,8 +147,7 @@ def _taylor_batches(
         return hook
 
     hooks = {name: make_hook(name, None) for name in observe} | {name: make_hook(name, axis) for name, axis in sites.items()}
-    for n in backward_passes(module, batches, hooks, loss=loss, total=total, device=device, seed=seed, progress=progress,
-                             desc="importance"):
+    for n in backward_passes(module, batches, hooks, settings, desc="importance"):
         yield dict(per_sample), n
         per_sample.clear()
 
@@ -143,20 +156,16 @@ def backward_passes(
     module: OnnxTorchModule,
     batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
     hooks: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-    *,
-    loss: str,
-    total: int | None,
-    device: str,
-    seed: int,
-    progress: bool,
+    settings: PassSettings,
     desc: str,
 ) -> Iterator[int]:
     """For each batch: forward through ``hooks``, the summed per-sample loss, backward; yields the
     batch size once the hooks have seen the gradients. Float inputs require grad so every
     intermediate tensor does, while the weights stay frozen."""
-    generator = torch.Generator().manual_seed(seed)
+    device, loss = settings.on, settings.loss
+    generator = torch.Generator().manual_seed(settings.seed)
     projections: list[torch.Tensor] = []
-    for inputs, labels in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+    for inputs, labels in tqdm(batches, total=settings.total, desc=desc, unit="batch", disable=not settings.progress):
         feeds = {k: _leaf(v, device) for k, v in inputs.items()}
         outputs = module(**feeds, hooks=hooks)
         if loss == "projection" and not projections:
@@ -170,17 +179,11 @@ def measure_importance(
     module: OnnxTorchModule,
     gates: Mapping[str, Gate],
     batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
-    *,
-    loss: str,
-    total: int | None = None,
-    device: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
+    settings: PassSettings,
 ) -> ImportanceResult:
     """Accumulate per-channel Taylor statistics of every gate over ``batches``, and the moments
     of the gated (basis output) tensors."""
-    device = device or default_device()
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     start = time.perf_counter()
     layer_of = {gate.tensor: name for name, gate in gates.items()}
     sums: dict[str, torch.Tensor] = {}
@@ -200,8 +203,7 @@ def measure_importance(
 
     samples = 0
     sites = {gate.tensor: gate.axis for gate in gates.values()}
-    for per_sample, n in _taylor_batches(module, sites, batches, loss=loss, total=total, device=device, seed=seed,
-                                         progress=progress, on_forward=accumulate_moments):
+    for per_sample, n in _taylor_batches(module, sites, batches, settings, on_forward=accumulate_moments):
         for tensor, g in per_sample.items():  # a basis that does not reach the loss has no gradient
             name = layer_of[tensor]
             sums[name] = sums.get(name, 0) + g.sum(dim=0)
@@ -213,7 +215,7 @@ def measure_importance(
     taylor_sq = {n: (s / samples).cpu().numpy() for n, s in squares.items()}
     second = {n: (o / positions[n]).cpu().numpy() for n, o in outer.items()}
     mean = {n: (f / positions[n]).cpu().numpy() for n, f in first.items()}
-    return ImportanceResult(taylor, taylor_sq, second, mean, loss, samples, time.perf_counter() - start, device)
+    return ImportanceResult(taylor, taylor_sq, second, mean, settings.loss, samples, time.perf_counter() - start, settings.on)
 
 
 @dataclass(frozen=True)
@@ -248,12 +250,8 @@ def measure_channel_importance(
     sites: Sequence[ChannelSite],
     n_groups: int,
     batches: Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]],
+    settings: PassSettings,
     *,
-    loss: str,
-    total: int | None = None,
-    device: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
     consumers: Sequence[ConsumerInput] = (),
     rows_per_input: int = 64,
 ) -> ChannelImportance:
@@ -264,8 +262,7 @@ def measure_channel_importance(
     feature vectors for Gemm/MatMul, about ``rows_per_input`` rows per input dimension D in all
     (drawn at random per batch, seeded; at least 256 per batch): plenty for D x D moments, and it
     bounds the cost of large feature maps (the D^2 products dominate the pass otherwise)."""
-    device = device or default_device()
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     start = time.perf_counter()
     index = {site.tensor: torch.from_numpy(np.asarray(site.groups, dtype=np.int64)) for site in sites}
     sums = torch.zeros(n_groups, dtype=torch.float64)
@@ -275,15 +272,15 @@ def measure_channel_importance(
     readers: dict[str, list[ConsumerInput]] = {}
     for spec in consumers:
         readers.setdefault(spec.tensor, []).append(spec)
-    batches_expected = total or 64
-    moments = _Moments({spec.node: max(256, -(-rows_per_input * spec.size // batches_expected)) for spec in consumers}, seed)
+    batches_expected = settings.total or 64
+    moments = _Moments({spec.node: max(256, -(-rows_per_input * spec.size // batches_expected)) for spec in consumers},
+                       settings.seed)
 
     def on_forward(tensor: str, x: torch.Tensor) -> None:
         for spec in readers.get(tensor, ()):
             moments.add(spec.node, _input_rows(spec, x.detach()))
 
-    for per_sample, n in _taylor_batches(module, axes, batches, loss=loss, total=total, device=device, seed=seed,
-                                         progress=progress, on_forward=on_forward, observe=readers):
+    for per_sample, n in _taylor_batches(module, axes, batches, settings, on_forward=on_forward, observe=readers):
         contribution = torch.zeros(n, n_groups + 1, dtype=torch.float64)  # last column: ungated channels
         for tensor, g in per_sample.items():
             groups = index[tensor].clone()
@@ -295,8 +292,8 @@ def measure_channel_importance(
         samples += n
     if samples == 0:
         raise ValueError("no calibration samples to measure importance on")
-    return ChannelImportance((sums.abs() / samples).numpy(), (squares / samples).numpy(), moments.result(), loss,
-                             samples, time.perf_counter() - start, device)
+    return ChannelImportance((sums.abs() / samples).numpy(), (squares / samples).numpy(), moments.result(), settings.loss,
+                             samples, time.perf_counter() - start, settings.on)
 
 
 def _input_rows(spec: ConsumerInput, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from onnx_basisprune.channels.refit import ConsumerInput
 from onnx_basisprune.basis.reconstruct import InputMoments
 
-from .importance import _input_rows, backward_passes, default_device
+from .importance import PassSettings, _input_rows, backward_passes, default_device
 from .interpreter import OnnxTorchModule
 
 Batches = Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]]
@@ -133,21 +133,17 @@ def layer_statistics(
     module: OnnxTorchModule,
     sites: Mapping[str, LayerSite],
     batches: Batches,
+    settings: PassSettings,
     *,
-    loss: str,
-    total: int | None = None,
-    device: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
     rows_per_input: int = 16,
 ) -> LayerStatistics:
     """Input moments and output Fisher weights of every layer in ``sites`` on the original model,
     in one forward and backward pass per batch (running sums only: memory does not grow with the
     number of samples)."""
-    device = device or default_device()
+    device = settings.on
     start = time.perf_counter()
     module = module.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     sums = {name: _MomentSums(site.read) for name, site in sites.items()}
     fisher: dict[str, torch.Tensor] = {}
     readers: dict[str, list[str]] = {}
@@ -155,7 +151,7 @@ def layer_statistics(
     for name, site in sites.items():
         readers.setdefault(site.read.tensor, []).append(name)
         writers.setdefault(site.output, []).append(name)
-    n_batches = total or 64
+    n_batches = settings.total or 64
 
     def hook_for(tensor: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +176,7 @@ def layer_statistics(
     for p in module.parameters():
         p.requires_grad_(False)
     samples = 0
-    for n in backward_passes(module, batches, hooks, loss=loss, total=total, device=device, seed=seed, progress=progress,
-                             desc="statistics"):
+    for n in backward_passes(module, batches, hooks, settings, desc="statistics"):
         samples += n
     if samples == 0:
         raise ValueError("no calibration samples to measure statistics on")
@@ -190,7 +185,7 @@ def layer_statistics(
     for name, site in sites.items():
         f = fisher.get(name)
         weights[name] = np.zeros(1) if f is None else (f / samples).cpu().numpy()
-    return LayerStatistics(moments, weights, loss, samples, time.perf_counter() - start, device)
+    return LayerStatistics(moments, weights, settings.loss, samples, time.perf_counter() - start, device)
 
 
 Fit = Callable[[str, InputMoments], tuple[np.ndarray, np.ndarray | None]]

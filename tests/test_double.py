@@ -23,7 +23,7 @@ from conftest import EXAMPLE_MODEL, run, session
 from onnx import TensorProto, helper, numpy_helper
 from test_channels import Builder, group_of, image, normalised, out
 
-from onnx_basisprune.calibration.importance import ChannelSite, _input_rows, _Moments, measure_channel_importance
+from onnx_basisprune.calibration.importance import ChannelSite, _input_rows, _Moments, PassSettings, measure_channel_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 from onnx_basisprune.channels.refit import ConsumerInput, refit_consumers, refittable_consumers
 from onnx_basisprune.channels.rewrite import remove_channels
@@ -198,7 +198,6 @@ def _partial_tensor_model(kind: str) -> onnx.ModelProto:
 def test_removal_at_never_empties_a_partial_tensor(kind, block):
     model, shapes = normalised(_partial_tensor_model(kind))
     analysis = analyse_channels(model, shapes)
-    part = "part.out0" if kind == "split" else "part.out"
     fam = [group_of(analysis, "ra.out", c) for c in range(8)]
     assert sorted(analysis.removable()) == sorted(fam)
     importance = np.zeros(len(analysis.groups))
@@ -374,8 +373,8 @@ class RefitCase:
         batches = [({"x": self.x[i : i + 32]}, None) for i in range(0, samples, 32)]
         sites = [ChannelSite(s.tensor, s.axis, s.groups) for s in self.analysis.sites]
         self.importance = measure_channel_importance(
-            OnnxTorchModule(self.proto), sites, len(self.analysis.groups), batches, loss="self", device="cpu",
-            progress=False, consumers=list(self.consumers.values()), rows_per_input=10**6)  # all rows: exact moments
+            OnnxTorchModule(self.proto), sites, len(self.analysis.groups), batches, PassSettings("self", device="cpu", progress=False),
+            consumers=list(self.consumers.values()), rows_per_input=10**6)  # all rows: exact moments
         self.a_groups = [group_of(self.analysis, "ra.out", c) for c in range(8)]
         self.b_groups = [group_of(self.analysis, "rb.out", c) for c in range(6)]
 

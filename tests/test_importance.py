@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_basisprune.basis import svd as svdlib
-from onnx_basisprune.calibration.importance import ChannelSite, Gate, choose_loss, measure_channel_importance, measure_importance
+from onnx_basisprune.calibration.importance import ChannelSite, Gate, PassSettings, choose_loss, measure_channel_importance, measure_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 
 
@@ -53,12 +53,11 @@ def test_taylor_statistics_match_per_sample_autograd():
     labels = rng.integers(0, 4, 10).astype(np.int64)
     g = _brute_force(model, x, labels)
     batches = [({"x": x[:4]}, labels[:4]), ({"x": x[4:]}, labels[4:])]
-    result = measure_importance(OnnxTorchModule(model), {"conv": Gate("c", 1)}, batches, loss="labels", device="cpu", progress=False)
+    result = measure_importance(OnnxTorchModule(model), {"conv": Gate("c", 1)}, batches, PassSettings("labels", device="cpu", progress=False))
     assert result.samples == 10
     np.testing.assert_allclose(result.taylor["conv"], np.abs(g.mean(axis=0)), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.taylor_sq["conv"], (g**2).mean(axis=0), rtol=1e-4, atol=1e-9)
     # moments of the gated tensor itself, over samples and positions
-    c = OnnxTorchModule(model)(x=torch.from_numpy(x), hooks=None)  # noqa: F841 (runs)
     feats = _conv_output(model, x).transpose(0, 2, 3, 1).reshape(-1, 6).astype(np.float64)
     np.testing.assert_allclose(result.second["conv"][0], feats.T @ feats / len(feats), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(result.mean["conv"][0], feats.mean(axis=0), rtol=1e-4, atol=1e-6)
@@ -85,7 +84,7 @@ def test_projection_loss_gives_nonzero_squared_importance():
     rng = np.random.default_rng(1)
     model = _tiny_model(rng)
     x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
-    result = measure_importance(OnnxTorchModule(model), {"conv": Gate("c", 1)}, [({"x": x}, None)], loss="projection", device="cpu", progress=False)
+    result = measure_importance(OnnxTorchModule(model), {"conv": Gate("c", 1)}, [({"x": x}, None)], PassSettings("projection", device="cpu", progress=False))
     assert np.all(result.taylor_sq["conv"] >= 0) and result.taylor_sq["conv"].sum() > 0
 
 
@@ -133,7 +132,7 @@ def test_moments_for_grouped_gates(groups):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     x = rng.standard_normal((3, 4, 6, 6)).astype(np.float32)
-    result = measure_importance(OnnxTorchModule(model), {"c": Gate("c", 1, groups)}, [({"x": x}, None)], loss="projection", device="cpu", progress=False)
+    result = measure_importance(OnnxTorchModule(model), {"c": Gate("c", 1, groups)}, [({"x": x}, None)], PassSettings("projection", device="cpu", progress=False))
     feats = _conv_output(model, x).transpose(0, 2, 3, 1).reshape(-1, groups, 4 // groups).astype(np.float64)
     for g in range(groups):
         np.testing.assert_allclose(result.second["c"][g], feats[:, g].T @ feats[:, g] / len(feats), rtol=1e-4, atol=1e-6)
@@ -179,7 +178,7 @@ def test_channel_importance_is_the_derivative_of_one_gate_shared_by_its_sites():
     g = np.stack(grads)
     sites = [ChannelSite("a", 1, groups_a), ChannelSite("b", 1, groups_b)]
     batches = [({"x": x[:3]}, labels[:3]), ({"x": x[3:]}, labels[3:])]
-    result = measure_channel_importance(OnnxTorchModule(model), sites, 5, batches, loss="labels", device="cpu", progress=False)
+    result = measure_channel_importance(OnnxTorchModule(model), sites, 5, batches, PassSettings("labels", device="cpu", progress=False))
     assert result.samples == 7
     np.testing.assert_allclose(result.taylor, np.abs(g.mean(axis=0)), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.taylor_sq, (g**2).mean(axis=0), rtol=1e-4, atol=1e-9)
@@ -200,8 +199,8 @@ def test_no_batch_activations_stay_alive_after_the_pass():
     labels = rng.integers(0, 4, 8).astype(np.int64)
     seen: list[weakref.ref] = []
     batches = [({"x": x[i : i + 2]}, labels[i : i + 2]) for i in range(0, 8, 2)]
-    for _ in _taylor_batches(OnnxTorchModule(model), {"c": 1}, batches, loss="labels", total=None, device="cpu", seed=0,
-                             progress=False, on_forward=lambda name, t: seen.append(weakref.ref(t))):
+    for _ in _taylor_batches(OnnxTorchModule(model), {"c": 1}, batches, PassSettings("labels", device="cpu", progress=False),
+                             on_forward=lambda name, t: seen.append(weakref.ref(t))):
         pass
     gc.collect()
     assert len(seen) == 4 and all(ref() is None for ref in seen)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model, tensor
 from onnx_basisprune.plan import ranks
 from onnx_basisprune.pipeline.prepared import prepare, rewritten
-from onnx_basisprune.calibration.importance import _input_rows
+from onnx_basisprune.calibration.importance import PassSettings, _input_rows
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
 from onnx_basisprune.calibration.reconstruction import LayerSite, layer_statistics, sampled_rows
 from onnx_basisprune.calibration.tuning import tune
@@ -61,7 +61,7 @@ def setup():
     targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
     module = OnnxTorchModule(ir.to_proto(prepared.model))
     sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
-    stats = layer_statistics(module, sites, data, loss="self", progress=False)
+    stats = layer_statistics(module, sites, data, PassSettings("self", progress=False))
     builder = SequentialBuilder(module, targets, stats.fisher, lambda: iter(data), "cpu", 0, False)
     return prepared, data, targets, stats, builder, module
 

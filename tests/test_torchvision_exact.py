@@ -13,7 +13,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from conftest import assert_same_outputs, random_feeds, shared_model

@@ -140,6 +140,12 @@ class CalibrationData:
     def n_batches(self) -> int:
         return -(-len(self.calib) // self.config.batch_size)
 
+    def pass_settings(self, progress: bool = True):
+        """How a Torch pass over these batches runs (``calibration.importance.PassSettings``)."""
+        from ..calibration.importance import PassSettings
+
+        return PassSettings(self.loss, self.n_batches, self.config.device, self.config.seed, progress)
+
 
 def load_calibration_data(prepared: Prepared, config: PruneConfig) -> CalibrationData:
     """Load ``--calib`` (and ``--eval``) for the model and set up the held-out evaluator. Labels
@@ -232,12 +238,10 @@ def basis_importance(prepared: Prepared, data: CalibrationData, verbose: bool = 
     """Decompose at full rank and measure every basis on the calibration data (Torch)."""
     from ..calibration.importance import Gate, measure_importance
 
-    config = data.config
     decomposed = rewritten(prepared, ranks.full_rank_plan(prepared.layers))
     module = torch_module(decomposed, data)
     gates = {name: Gate(tensor, axis, prepared.layers[name].groups) for name, (tensor, axis) in basis_gates(decomposed).items()}
-    importance = measure_importance(module, gates, data.batches(), loss=data.loss, total=data.n_batches, device=config.device,
-                                    seed=config.seed, progress=verbose)
+    importance = measure_importance(module, gates, data.batches(), data.pass_settings(verbose))
     stats = {name: BasisStats(importance.second[name], importance.mean[name]) for name in importance.second}
     return BasisImportance(prepared.with_layer_values("stats", stats), importance)
 
@@ -252,8 +256,7 @@ def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool 
     targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
     module = torch_module(prepared.model, data)
     sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
-    stats = layer_statistics(module, sites, data.batches(), loss=data.loss, total=data.n_batches, device=config.device,
-                             seed=config.seed, progress=verbose)
+    stats = layer_statistics(module, sites, data.batches(), data.pass_settings(verbose))
     fit_set = data.calib
     if len(fit_set) > FIT_SAMPLES:
         chosen = np.random.default_rng(config.seed).choice(len(fit_set), FIT_SAMPLES, replace=False)

@@ -95,8 +95,7 @@ def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
     criterion = config.channel_criterion or DEFAULT_CHANNEL_CRITERION
     sites = [ChannelSite(site.tensor, site.axis, site.groups) for site in analysis.sites]
     consumers = refittable_consumers(prepared.model, analysis, prepared.shapes)
-    importance = measure_channel_importance(module, sites, len(analysis.groups), data.batches(), loss=data.loss,
-                                            total=data.n_batches, device=config.device, seed=config.seed,
+    importance = measure_channel_importance(module, sites, len(analysis.groups), data.batches(), data.pass_settings(),
                                             consumers=list(consumers.values()))
     scores = family_scores(analysis, importance.by_criterion(criterion))
     return ChannelStage(prepared, analysis, scores, importance.moments, criterion, importance.samples, importance.seconds)
