@@ -219,3 +219,27 @@ def test_python_api_refuses_bad_options_in_one_line():
         prune(EXAMPLE / "model.onnx", max_drop=1)
     with pytest.raises(BasisPruneError, match="criterion must be one of"):
         prune(EXAMPLE / "model.onnx", calib=EXAMPLE / "calib", criterion="magic")
+
+
+def test_each_candidate_is_scored_and_timed_in_one_session(tmp_path, monkeypatch):
+    """The search opens one onnxruntime session per candidate (scored and timed in it); the rest
+    are a few: the original's predictions, the interpreter's check, the timing reference, the
+    speed check (two per timing), the check before writing and two tiny probes of the GPU providers."""
+    opened = []
+    original = ort.InferenceSession
+
+    class Counted(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            opened.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Counted)
+    out = tmp_path / "digits.pruned.onnx"
+    report = tmp_path / "r.json"
+    assert main([str(EXAMPLE / "model.onnx"), "--calib", str(EXAMPLE / "calib"), "--eval", str(EXAMPLE / "heldout"),
+                 "--no-latency-aware", "-o", str(out), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    sweep = data["sweep"]
+    assert all(p["latency_ratio"] > 0 for p in sweep)
+    timings = 1 + data["speed_check"]["retimed"]
+    assert len(opened) <= len(sweep) + 6 + 2 * timings, (len(opened), len(sweep), timings)

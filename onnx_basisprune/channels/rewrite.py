@@ -23,7 +23,7 @@ __all__ = ["RemoveChannelsPass", "gated_model", "remove_channels"]
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.to_proto(model))
+    return model.clone()
 
 
 def _unique_name(taken: set[str], base: str) -> str:

@@ -11,7 +11,7 @@ imports it lazily: ``import onnx_basisprune`` never imports torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +27,8 @@ from ..io.cost import ModelCost
 from ..io.shapes import unsized_inputs
 from ..plan import ranks
 from ..plan.plans import budget_plan, predicted_latency_ratio, use_measured_latency
-from ..plan.search import CONFIDENCE, Evaluator, SweepPoint, chance_problem, describe_change, drop_bound, images_to_certify, max_drop_plan, model_predictions
+from ..plan.search import (CONFIDENCE, Evaluator, Quality, SweepPoint, chance_problem, describe_change, drop_bound,
+                           images_to_certify, max_drop_plan, model_predictions, plan_signature)
 from ..runtime.speed_check import check_speed
 from .prepared import Prepared, PruneResult, apply_plan, final_model, plan_cost, rewritten
 
@@ -308,6 +309,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     prepared, table = _measured_latency(prepared, config, target, block, verbose)
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
+    measured_quality: dict[tuple, Quality] = {}  # by plan signature: the chosen candidate is not scored again
     if target.kind == "max-drop":
 
         def report(p: SweepPoint) -> None:
@@ -318,10 +320,14 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
             print(f"searching the strongest basis pruning whose {evaluator.metric} drop has a {CONFIDENCE:.0%} bound within "
                   f"{target.value:g} pt (original {evaluator.original:.4f} on {evaluator.n} images)")
         search_scores = ranks.per_unit_cost(scores, prepared.layers, "macs") if criterion == "fisher" else scores
+        timer = _candidate_timer(evaluator.reference, prepared, config) if final else None
+
+        def measure(p: Mapping[str, Decision]) -> Quality:  # the model as it would be handed over
+            q = measured_quality[plan_signature(p)] = evaluator.measure(final_model(prepared, build(p)), timer)
+            return q
+
         plan, sweep = max_drop_plan(
-            prepared.layers, search_scores, block,
-            measure=lambda p: evaluator.measure(rewritten(prepared, build(p))),
-            cost=lambda p: plan_cost(prepared, p),
+            prepared.layers, search_scores, block, measure=measure, cost=lambda p: plan_cost(prepared, p),
             max_drop=target.value, progress=report if verbose else None,
         )
     else:
@@ -337,10 +343,6 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
                            target_params=value if target.kind == "params" else None,
                            target_macs=value if target.kind == "macs" else None,
                            target_latency=value if target.kind == "latency" else None)
-    if sweep and final and config.time_candidates:
-        sweep = time_sweep(evaluator.reference, sweep,
-                           lambda p: rewritten(prepared, build(ranks.threshold_plan(prepared.layers, search_scores, p.threshold, block))),
-                           prepared.input_shapes)
     decisions = build(plan)
     tuning = None
     if builder is not None and config.tune:
@@ -360,7 +362,8 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         speed_check=speed,
         original=reference,
         predicted_latency_ratio=None if table is None else latency_scale * predicted_latency_ratio(prepared, plan, table),
-        quality=evaluator.summary(result.model),
+        quality=evaluator.summary(result.model, None if tuning or (speed and speed.recomposed)
+                                  else measured_quality.get(plan_signature(plan))),
         calibration={**summary, "heldout": evaluator.n, "criterion": criterion, "fit": fit, "tuning": tuning,
                      "source": data.calib.source},
         importance=_importance_summary(scores, plan),
@@ -428,22 +431,14 @@ def tune_decisions(prepared: Prepared, data: CalibrationData, decisions: Mapping
     return with_tuning(decisions, result.scales, result.biases), summary
 
 
-SWEEP_TIMING_LIMIT_BYTES = 256 << 20  # above this, timing every candidate needs too much memory
+def _candidate_timer(reference: ir.Model, prepared: Prepared, config: PruneConfig):
+    """The timer that measures every candidate of the quality search in the session it is scored
+    in (``config.time_candidates``; not for a model of symbolic input size)."""
+    if not config.time_candidates or unsized_inputs(prepared.model, prepared.input_shapes):
+        return None
+    from ..runtime.bench import ReferenceTimer
 
-
-def time_sweep(reference: ir.Model, sweep: Sequence[SweepPoint], build: Callable[[SweepPoint], ir.Model],
-               input_shapes: Mapping[str, Sequence[int]] | None) -> list[SweepPoint]:
-    """Each evaluated candidate's onnxruntime CPU latency at batch 1, as a ratio to the user's
-    original model, all timed alternately in one run (the candidates are rebuilt by ``build``)."""
-    from ..runtime.bench import BenchConfig, benchmark
-    from ..io.model_io import tensor_bytes
-
-    if tensor_bytes(reference) * (len(sweep) + 1) > SWEEP_TIMING_LIMIT_BYTES:
-        return list(sweep)
-    models = [ir.to_proto(reference)] + [ir.to_proto(build(p)) for p in sweep]
-    config = BenchConfig(providers=("cpu",), batches=(1,), warmup=5, rounds=20, input_shapes=input_shapes)
-    case = benchmark(models, config)
-    return [dataclasses.replace(p, latency_ratio=t.ratio) for p, t in zip(sweep, case.cases[0].timings[1:])]
+    return ReferenceTimer(reference, prepared.input_shapes)
 
 
 def _importance_summary(scores: Mapping[str, ranks.LayerScores], plan) -> dict[str, dict]:

@@ -137,7 +137,7 @@ class PruneResult:
 def as_ir(model: ModelLike) -> ir.Model:
     """A private ir.Model the pipeline may change freely: the caller's object is never touched."""
     if isinstance(model, ir.Model):
-        return ir.serde.deserialize_model(ir.to_proto(model))
+        return model.clone()
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(copy.deepcopy(model))
     return load_model(model)
@@ -164,7 +164,7 @@ def prepare(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None =
 
 def rewritten(prepared: Prepared, plan: Mapping[str, Decision], in_place: bool = False) -> ir.Model:
     """The prepared model (a copy unless ``in_place``) rewritten by ``plan``."""
-    model = prepared.model if in_place else ir.serde.deserialize_model(ir.to_proto(prepared.model))
+    model = prepared.model if in_place else prepared.model.clone()
     ApplyDecisionsPass(prepared.layers, dict(plan))(model)
     return model
 

@@ -15,16 +15,20 @@ import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from ..basis.rewrite import Decision
 from ..errors import BasisPruneError
 from .bisection import last_passing
 from ..runtime.session import new_session
 from . import ranks
+
+if TYPE_CHECKING:
+    from ..runtime.bench import ReferenceTimer
 
 P = TypeVar("P")
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], object]]]
@@ -108,6 +112,7 @@ class Quality:
     value: float
     drop: float
     drop_bound: float
+    latency_ratio: float | None = None  # CPU batch 1, to the original, when timed in the same session
 
     def within(self, max_drop: float) -> bool:
         return self.drop_bound <= max_drop + 1e-9
@@ -137,12 +142,12 @@ class SweepPoint:
     drop: float  # points, positive = lost (Quality.drop)
     drop_bound: float  # one-sided 95% upper bound of the drop, points
     passed: bool
-    latency_ratio: float | None = None  # CPU batch 1, to the original; set after the search when benchmarking
+    latency_ratio: float | None = None  # CPU batch 1, to the original (Quality.latency_ratio)
 
 
-def model_predictions(model: ir.Model, batches: Batches) -> np.ndarray:
-    """Top-1 class of every sample of ``batches``, with onnxruntime."""
-    sess = new_session(model)
+def model_predictions(model: ir.Model | ort.InferenceSession, batches: Batches) -> np.ndarray:
+    """Top-1 class of every sample of ``batches``, with onnxruntime (in ``model`` if it is a session)."""
+    sess = model if isinstance(model, ort.InferenceSession) else new_session(model)
     preds = [_argmax(sess.run(None, feeds)[0]) for feeds, _ in batches()]
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
@@ -188,16 +193,19 @@ class Evaluator:
         candidate that gains nothing certifies a smaller drop on these images."""
         return 100 * drop_bound(0, 0, self.n)[1]
 
-    def measure(self, model: ir.Model) -> Quality:
-        correct = model_predictions(model, self.batches) == self.targets
+    def measure(self, model: ir.Model, timer: ReferenceTimer | None = None) -> Quality:
+        """Paired outcomes against the original; with a ``timer``, the candidate is scored in the
+        timer's session and its latency ratio measured there too (one session for both)."""
+        session = None if timer is None else timer.session(model)
+        correct = model_predictions(model if session is None else session, self.batches) == self.targets
         lost = int((self.correct & ~correct).sum())
         gained = int((~self.correct & correct).sum())
         drop, bound = drop_bound(lost, gained, self.n)
-        return Quality(float(correct.mean()), 100 * drop, 100 * bound)
+        return Quality(float(correct.mean()), 100 * drop, 100 * bound, None if session is None else timer.ratio(session))
 
-    def summary(self, model: ir.Model) -> QualitySummary:
-        """The report's held-out quality of ``model``."""
-        q = self.measure(model)
+    def summary(self, model: ir.Model, measured: Quality | None = None) -> QualitySummary:
+        """The report's held-out quality of ``model`` (``measured``: already measured on it)."""
+        q = measured or self.measure(model)
         return QualitySummary(self.metric, self.original, q.value, self.n, q.drop, q.drop_bound, CONFIDENCE)
 
 
@@ -234,7 +242,8 @@ def max_drop_search(
         if key not in evaluated:
             q = measure(plan)
             params, macs = cost(plan)
-            point = SweepPoint(float(thresholds[i]), params, macs, q.value, q.drop, q.drop_bound, q.within(max_drop))
+            point = SweepPoint(float(thresholds[i]), params, macs, q.value, q.drop, q.drop_bound, q.within(max_drop),
+                               q.latency_ratio)
             sweep.append(point)
             if progress:
                 progress(point)

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from .machine import cpu_model, gpu_name, physical_cores
@@ -384,6 +385,30 @@ def _timings(names: Sequence[str], times: Sequence[Sequence[float]]) -> list[Tim
             )
         )
     return result
+
+
+class ReferenceTimer:
+    """Latency ratios of candidate models to one reference on the CPU at batch 1: each candidate's
+    session is timed alternately with the reference's, which is opened once for them all. The
+    candidate sessions come from :meth:`session`, so the caller can use the same session for
+    other work (the quality search scores each candidate in it)."""
+
+    def __init__(self, reference: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 warmup: int = 5, rounds: int = 20) -> None:
+        proto = ir.to_proto(reference)
+        inputs = input_specs(proto, "the original model")
+        self.feeds = random_feeds(inputs, feed_shapes(inputs, input_shapes, 1))
+        self.threads = physical_cores()
+        self.warmup, self.rounds = warmup, rounds
+        self._reference = make_runner(timing_session(proto, "cpu", self.threads, "the original model"), self.feeds, "cpu")
+
+    def session(self, model: ir.Model) -> ort.InferenceSession:
+        return timing_session(model, "cpu", self.threads, "a candidate model")
+
+    def ratio(self, session: ort.InferenceSession) -> float:
+        """The median per-round latency ratio of ``session`` to the reference."""
+        times = time_alternating([self._reference, make_runner(session, self.feeds, "cpu")], self.warmup, self.rounds)
+        return _timings(("reference", "candidate"), times)[1].ratio
 
 
 # --------------------------------------------------------------------------- environment
