@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +40,20 @@ def test_quick_benchmark_writes_results(shared_dir, tmp_path):
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert run_benchmarks.QUICK.title in markdown and "--max-drop 1" in markdown
     assert (tmp_path / f"{run_benchmarks.QUICK.name}.png").stat().st_size > 10_000
+
+
+def test_cost_model_fit_recovers_known_constants():
+    """The fit behind benchmarks/cost_model.py: timings made from a known time per MAC, node
+    overhead and traffic per element give those constants back, in MACs."""
+    import cost_model
+
+    rng = np.random.default_rng(0)
+    per_mac, node_ms, per_element = 2e-9, 0.004, 6e-8  # overhead 2e6 MACs, traffic 30 MACs/element
+    points = []
+    for i in range(60):
+        delta, inter, node = -rng.uniform(1e5, 5e6), rng.uniform(1e3, 1e5), rng.uniform(0.01, 1.0)
+        extra = per_mac * delta + node_ms + per_element * inter
+        points.append(cost_model.Point("m", f"l{i}", 8, extra, node, delta, inter))
+    fitted = cost_model.fit(points)
+    assert fitted["node_overhead_macs"] == pytest.approx(2e6, rel=1e-6)
+    assert fitted["intermediate_macs_per_element"] == pytest.approx(30, rel=1e-6)
