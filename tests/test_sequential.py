@@ -125,6 +125,24 @@ def test_sequential_fit_error_is_never_above_the_independent_fit(setup):
         assert {name: d.rank for name, d in sequential.items() if name in cut} == cut
 
 
+def test_a_layer_cut_above_break_even_is_kept_whole(setup):
+    """A cut that would not pay (``recomposed`` by the cost model) keeps the layer whole: with its
+    original weights when its input is unchanged, refitted at full rank when an earlier cut
+    changed it; never recomposed at the lower rank, which would lose accuracy and save nothing."""
+    prepared, data, _, _, builder, _ = setup
+    plan = _plan(prepared, {"conv3": 4})
+    for name, rank in (("conv1", 14), ("conv4", 30)):  # above break-even: recomposed by the plan
+        plan[name] = ranks.decide(prepared.layers[name], None, rank, block=1)
+        assert plan[name].action == "recomposed"
+    decisions = builder.decisions(plan)
+    assert decisions["conv1"].action == "kept" and decisions["conv1"].factors is None  # upstream of every cut
+    assert decisions["conv4"].action == "kept" and decisions["conv4"].factors.rank == prepared.layers["conv4"].full_rank
+    model = rewritten(prepared, decisions)
+    weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value is not None}
+    np.testing.assert_array_equal(weights["conv1.weight"], prepared.model.graph.initializers["conv1.weight"].const_value.numpy())
+    assert sum(node.op_type == "Conv" for node in model.graph) == 5  # conv3 split in two, the rest one node each
+
+
 def test_fisher_scores_rank_every_splittable_layer(setup):
     prepared, _, targets, stats, _, _ = setup
     scores = allocation_scores(targets, stats.moments, stats.fisher, "fisher")

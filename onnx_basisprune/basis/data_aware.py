@@ -132,13 +132,12 @@ def fit_ranks(targets: Mapping[str, LayerTarget], plan: Mapping[str, Decision]) 
 
 
 def with_factors(plan: Mapping[str, Decision], factors: Mapping[str, Factors]) -> dict[str, Decision]:
-    """The plan's decisions carrying the fitted factors; a ``recomposed`` layer is kept whole
-    (refitted at full rank)."""
-    out = dict(plan)
+    """The plan's decisions carrying the fitted factors. A ``recomposed`` layer is kept whole:
+    refitted at full rank when its input changed, else left as it is (its original weights are
+    then the best fit; recomposing it at the cut rank would lose accuracy and save nothing)."""
+    out = {name: Decision("kept", f"{d.reason}: kept whole") if d.action == "recomposed" else d for name, d in plan.items()}
     for name, f in factors.items():
-        decision = plan.get(name) or Decision("kept", "not selected")
-        if decision.action == "recomposed":
-            decision = Decision("kept", f"{decision.reason}: kept whole")
+        decision = out.get(name) or Decision("kept", "not selected")
         reason = decision.reason if decision.action == "decomposed" else f"{decision.reason}; refitted to the pruned inputs"
         out[name] = replace(decision, reason=reason, factors=f,
                             keep=None if decision.action != "decomposed" else top_keep(f.basis.shape[0], f.rank))
