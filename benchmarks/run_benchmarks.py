@@ -520,9 +520,8 @@ def transfer_markdown(models: dict) -> list[str]:
 def write_results(out: Path, target: Path = RESULTS_MD) -> None:
     if (MODELS / TRANSFER_JSON).exists():
         shutil.copyfile(MODELS / TRANSFER_JSON, out / TRANSFER_JSON)
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != TRANSFER_JSON]
-    order = {c.name: i for i, c in enumerate(cases(SHARED))}
-    records.sort(key=lambda r: order.get(r["case"], len(order)))
+    names = [c.name for c in cases(SHARED)] + [QUICK.name]  # the folder holds other records too (cost_model.json)
+    records = [json.loads((out / f"{name}.json").read_text()) for name in names if (out / f"{name}.json").exists()]
     env = records[0]["environment"] if records else environment()
     header = [
         "# Benchmark results", "",
