@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from onnx_basisprune.cli import main
+from onnx_basisprune.pipeline import calibrated
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits"
@@ -221,9 +222,10 @@ def test_python_api_refuses_bad_options_in_one_line():
         prune(EXAMPLE / "model.onnx", calib=EXAMPLE / "calib", criterion="magic")
 
 
-def test_each_candidate_is_scored_and_timed_in_one_session(tmp_path, monkeypatch):
-    """The search opens one onnxruntime session per candidate (scored and timed in it); the rest
-    are a few: the original's predictions, the interpreter's check, the timing reference, the
+def test_each_candidate_is_built_once_and_scored_and_timed_in_one_session(tmp_path, monkeypatch):
+    """The search builds each candidate once and opens one onnxruntime session for it (scored and
+    timed in it); the chosen one is handed over as built. The other sessions are a few: the
+    original's predictions, the interpreter's check, the timing reference, the
     speed check (two per timing), the check before writing and two tiny probes of the GPU providers."""
     opened = []
     original = ort.InferenceSession
@@ -234,6 +236,9 @@ def test_each_candidate_is_scored_and_timed_in_one_session(tmp_path, monkeypatch
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", Counted)
+    built = []
+    build = calibrated.final_model
+    monkeypatch.setattr(calibrated, "final_model", lambda *args, **kwargs: built.append(1) or build(*args, **kwargs))
     out = tmp_path / "digits.pruned.onnx"
     report = tmp_path / "r.json"
     assert main([str(EXAMPLE / "model.onnx"), "--calib", str(EXAMPLE / "calib"), "--eval", str(EXAMPLE / "heldout"),
@@ -243,3 +248,4 @@ def test_each_candidate_is_scored_and_timed_in_one_session(tmp_path, monkeypatch
     assert all(p["latency_ratio"] > 0 for p in sweep)
     timings = 1 + data["speed_check"]["retimed"]
     assert len(opened) <= len(sweep) + 6 + 2 * timings, (len(opened), len(sweep), timings)
+    assert len(built) == len(sweep) + data["speed_check"]["retimed"]  # the chosen candidate is not built again

@@ -309,7 +309,9 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     prepared, table = _measured_latency(prepared, config, target, block, verbose)
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
-    measured_quality: dict[tuple, Quality] = {}  # by plan signature: the chosen candidate is not scored again
+    # The last passing candidate of the search, by plan signature: the search returns it, so it is
+    # neither built nor scored again.
+    passing: dict[tuple, tuple[Quality, ir.Model]] = {}
     if target.kind == "max-drop":
 
         def report(p: SweepPoint) -> None:
@@ -323,7 +325,11 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         timer = _candidate_timer(evaluator.reference, prepared, config) if final else None
 
         def measure(p: Mapping[str, Decision]) -> Quality:  # the model as it would be handed over
-            q = measured_quality[plan_signature(p)] = evaluator.measure(final_model(prepared, build(p)), timer)
+            model = final_model(prepared, build(p))
+            q = evaluator.measure(model, timer)
+            if q.within(target.value):
+                passing.clear()
+                passing[plan_signature(p)] = (q, model)
             return q
 
         plan, sweep = max_drop_plan(
@@ -347,13 +353,14 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
     tuning = None
     if builder is not None and config.tune:
         decisions, tuning = tune_decisions(prepared, data, decisions, builder.module, verbose)
-    model = None
+    searched = None if tuning else passing.get(plan_signature(plan))
+    model = None if searched is None else searched[1]
     speed = None
     if final and config.check_speed and not unsized_inputs(prepared.model, prepared.input_shapes):
         decisions, model, speed = check_speed(
             evaluator.reference, decisions, lambda d: final_model(prepared, d), _savings(prepared, decisions, table),
             config.provider, config.latency_batches, prepared.input_shapes, may_recompose=target.kind in ("max-drop", "latency"),
-            progress=verbose)
+            progress=verbose, model=model)
         if verbose:
             print(speed.describe())
     result = apply_plan(prepared, decisions, model=model)
@@ -362,8 +369,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         speed_check=speed,
         original=reference,
         predicted_latency_ratio=None if table is None else latency_scale * predicted_latency_ratio(prepared, plan, table),
-        quality=evaluator.summary(result.model, None if tuning or (speed and speed.recomposed)
-                                  else measured_quality.get(plan_signature(plan))),
+        quality=evaluator.summary(result.model, None if searched is None or (speed and speed.recomposed) else searched[0]),
         calibration={**summary, "heldout": evaluator.n, "criterion": criterion, "fit": fit, "tuning": tuning,
                      "source": data.calib.source},
         importance=_importance_summary(scores, plan),

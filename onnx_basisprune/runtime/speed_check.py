@@ -79,12 +79,13 @@ def measured_faster(rows: Sequence[dict]) -> bool:
 def check_speed(original: ir.Model, decisions: Mapping[str, Decision], build: Callable[[Mapping[str, Decision]], ir.Model],
                 savings: Mapping[str, float], provider: str, batches: Sequence[int],
                 input_shapes: Mapping[str, Sequence[int]] | None, may_recompose: bool,
-                progress: bool = True) -> tuple[dict[str, Decision], ir.Model, SpeedCheck]:
-    """Time the model ``decisions`` build against ``original``; while it is not faster (and
-    ``may_recompose``), recompose the split layers with the smallest ``savings`` (a quarter of
-    those left each time) and time again. Returns the final decisions, their model and the check."""
+                progress: bool = True, model: ir.Model | None = None) -> tuple[dict[str, Decision], ir.Model, SpeedCheck]:
+    """Time the model ``decisions`` build (``model``, when it is already built) against
+    ``original``; while it is not faster (and ``may_recompose``), recompose the split layers with
+    the smallest ``savings`` (a quarter of those left each time) and time again. Returns the final
+    decisions, their model and the check."""
     first = dict(decisions)
-    decisions, model = dict(first), build(first)
+    decisions, model = dict(first), build(first) if model is None else model
     rows, environment = time_against(original, model, provider, batches, input_shapes)
     start = (model, rows)
     split = sorted((name for name, d in decisions.items() if d.action == "decomposed"), key=lambda n: savings.get(n, 0.0))
