@@ -22,10 +22,6 @@ from .cost import constant_key
 __all__ = ["RemoveChannelsPass", "gated_model", "remove_channels"]
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return model.clone()
-
-
 def _unique_name(taken: set[str], base: str) -> str:
     name, k = base, 0
     while name in taken:
@@ -130,7 +126,7 @@ class RemoveChannelsPass(ir.passes.InPlacePass):
 
 def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: Iterable[int]) -> ir.Model:
     """A copy of ``model`` with the groups ``removed`` taken out (``model`` is not modified)."""
-    copy = _copy(model)
+    copy = model.clone()
     RemoveChannelsPass(analysis, removed)(copy)
     return copy
 
@@ -148,7 +144,7 @@ def gated_model(model: ir.Model, analysis: ChannelAnalysis, masks: Mapping[int, 
         values = np.asarray(masks, dtype=np.float64)
         if values.shape != (n,):
             raise ValueError(f"masks has shape {values.shape}, expected ({n},)")
-    copy = _copy(model)
+    copy = model.clone()
     graph = copy.graph
     taken = _taken_names(graph)
     producers = {v.name: (v, n) for n in graph for v in n.outputs}
