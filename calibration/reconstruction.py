@@ -198,6 +198,7 @@ def sequential_fit(
     batches: Batches,
     *,
     refit_unchanged: frozenset[str] = frozenset(),
+    gates: Mapping[str, tuple[int, np.ndarray]] | None = None,
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -206,10 +207,13 @@ def sequential_fit(
     """Walk the graph once over all ``batches``; at each layer of ``sites`` whose input differs
     from the original's (or that is in ``refit_unchanged``: its rank is cut), call
     ``fit(name, moments)`` for the layer's new (weight, bias) in its node layout and use them in
-    the pruned model from there on. ``fit`` keeps what it needs; nothing is returned."""
+    the pruned model from there on. ``gates`` (tensor name -> (channel axis, one multiplier per
+    channel)) scale tensors of the pruned model as they are produced: 0 for the channels that
+    channel pruning removes. ``fit`` keeps what it needs; nothing is returned."""
     device = device or default_device()
     module = module.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
+    hooks = {name: _gate(axis, mask, device) for name, (axis, mask) in (gates or {}).items()}
     data = list(batches)
     originals = [module.initial_env(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()})
                  for inputs, _ in data]
@@ -225,11 +229,13 @@ def sequential_fit(
                 for env in originals:
                     module.run_step(step, env)
                 for env in pruned:
-                    module.run_step(step, env, replace=replace)
+                    module.run_step(step, env, hooks, replace=replace)
                 diverged.update(name for name in step.outputs if name)
-            elif changed:
-                for env in originals + pruned:
+            elif changed or any(name in hooks for name in step.outputs):
+                for env in originals:
                     module.run_step(step, env)
+                for env in pruned:
+                    module.run_step(step, env, hooks)
                 diverged.update(name for name in step.outputs if name)
             else:
                 for orig, env in zip(originals, pruned):
@@ -239,6 +245,18 @@ def sequential_fit(
                             env[name] = orig[name]
                     for name in step.release:
                         env.pop(name, None)
+
+
+def _gate(axis: int, mask: np.ndarray, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multiply a tensor by ``mask`` along its channel ``axis``."""
+    values = torch.as_tensor(np.asarray(mask), device=device)
+
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return x * values.to(x.dtype).reshape(shape)
+
+    return gate
 
 
 def _fitted_inputs(site: LayerSite, name: str, fit: Fit, originals: list[dict], pruned: list[dict],

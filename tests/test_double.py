@@ -25,12 +25,14 @@ from test_channels import Builder, group_of, image, normalised, out
 
 from onnx_basisprune.calibration.importance import ChannelSite, _input_rows, _Moments, PassSettings, measure_channel_importance
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
-from onnx_basisprune.channels.refit import ConsumerInput, refit_consumers, refittable_consumers
+from onnx_basisprune.channels.refit import ConsumerInput, apply_refits, refit_consumers, refittable_consumers
 from onnx_basisprune.channels.rewrite import remove_channels
 from onnx_basisprune.channels.select import family_scores, per_unit_cost, removal_at, removal_for_budget
 from onnx_basisprune.channels.analysis import ChannelAnalysis, analyse_channels
 from onnx_basisprune.cli import main
 from onnx_basisprune.io.cost import count_params, model_cost
+from onnx_basisprune.basis.layers import find_layers
+from onnx_basisprune.io.shapes import infer_shapes
 from onnx_basisprune.plan.ranks import align
 
 F = TensorProto.FLOAT
@@ -508,6 +510,66 @@ def test_refit_of_a_biasless_conv_is_costed():
     assert count_params(pruned) == case.analysis.cost(removed)[0]
 
 
+def _sequential(case: RefitCase, removed: np.ndarray) -> ir.Model:
+    """``case``'s model without the groups ``removed``, refitted in graph order on all its samples."""
+    from onnx_basisprune.pipeline.channel_refit import SequentialRefit
+
+    shapes = infer_shapes(case.model)
+    batches = [({"x": case.x[i : i + 40]}, None) for i in range(0, len(case.x), 40)]
+    refit = SequentialRefit.of(case.model, find_layers(case.model, shapes), shapes, case.analysis,
+                               OnnxTorchModule(case.proto), lambda: iter(batches), device="cpu",
+                               rows_per_input=10**6)  # all rows: exact moments
+    refits = refit(removed)
+    pruned = remove_channels(case.model, case.analysis, np.flatnonzero(removed))
+    assert apply_refits(pruned, case.analysis, removed, refits) == len(refits)
+    return pruned
+
+
+@pytest.mark.parametrize("head", ["gemm", "gemm_alpha", "matmul"])
+def test_sequential_channel_refit_fits_each_layer_on_the_pruned_inputs(head):
+    """Conv b loses input channels of a: refitted on its kept inputs, as the independent refit
+    does. The head loses none, but its input changed: it is refitted to the original head's output
+    on the features the pruned model produces, which the independent refit leaves alone."""
+    case = RefitCase(head, samples=160)
+    drop = [1, 4, 6]
+    removed = case.removed(a=drop)
+    before = ir.to_proto(case.model).SerializeToString()
+    pruned = _sequential(case, removed)
+    independent, count = case.prune(removed)
+    assert count == 1
+    proto = ir.to_proto(pruned)
+    onnx.checker.check_model(proto, full_check=True)
+    assert (count_params(pruned), model_cost(pruned).macs) == case.analysis.cost(removed)
+    assert ir.to_proto(case.model).SerializeToString() == before
+    feeds = {"x": case.x}
+    original = intermediates(case.proto, ["ra.out", "b.out", "fc.out"], feeds)
+    mine = intermediates(proto, ["b.out", "flat.out", "fc.out"], feeds)
+    theirs = intermediates(ir.to_proto(independent), ["b.out", "fc.out"], feeds)
+    np.testing.assert_allclose(mine["b.out"], theirs["b.out"], rtol=1e-3, atol=1e-4)
+    features = mine["flat.out"].astype(np.float64)
+    _check_least_squares(features, original["fc.out"].astype(np.float64), mine["fc.out"].astype(np.float64),
+                         theirs["fc.out"].astype(np.float64), with_constant=head != "matmul")
+
+
+def test_sequential_channel_refit_reproduces_the_original_more_closely():
+    """Channels of both layers go; the pruned model's output is closer to the original's with the
+    refit in graph order than with every layer refitted on its own."""
+    case = refit_case_for("gemm")
+    removed = case.removed(a=[0, 2, 5], b=[1, 4])
+    feeds = {"x": case.x}
+    target = run(case.proto, feeds)[0]
+    error = {name: float(((run(ir.to_proto(model), feeds)[0] - target) ** 2).mean())
+             for name, model in (("sequential", _sequential(case, removed)), ("independent", case.prune(removed)[0]))}
+    assert error["sequential"] < error["independent"], error
+
+
+def test_nothing_removed_refits_nothing(refit_case):
+    case = refit_case
+    pruned = _sequential(case, case.removed())
+    feeds = {"x": case.x[:8]}
+    np.testing.assert_array_equal(run(ir.to_proto(pruned), feeds)[0], run(case.proto, feeds)[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. --double end to end on the built-in example
 
@@ -612,6 +674,15 @@ def test_double_meets_a_params_target(double_params):
     assert all(c["params"] <= 0.5 * report["original"]["params"] for c in candidates)
     best = max(c["quality"] for c in candidates)
     assert report["quality"]["pruned"] == pytest.approx(best)
+
+
+def test_double_with_independent_refit(tmp_path):
+    """``--fit independent`` refits only the layers that lose inputs, from the original's moments:
+    the run completes and says so."""
+    out, report = _run_double(tmp_path, "--target-params", "0.5", "--fit", "independent", "--criterion", "energy")
+    assert report["calibration"]["fit"] == "independent"
+    assert report["pruned"]["params"] <= 0.5 * report["original"]["params"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
 def test_double_without_calibration_is_refused(tmp_path, capsys):

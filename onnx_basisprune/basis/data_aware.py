@@ -51,11 +51,15 @@ class LayerTarget:
 
     def node_inputs(self, factors: Factors) -> tuple[np.ndarray, np.ndarray | None]:
         """The recomposed factors as the node's (weight, bias) inputs under its own alpha/beta."""
+        return self.as_node_inputs(factors.weight(), factors.bias)
+
+    def as_node_inputs(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """A map like :attr:`weight` (groups, out_g, d) and a bias (C_out,) or None as the node's
+        (weight, bias) inputs under its own alpha/beta."""
         attrs = self.node.attributes
         alpha = attrs.get_float("alpha", 1.0) if self.layer.op == "Gemm" else 1.0
         beta = attrs.get_float("beta", 1.0) if self.layer.op == "Gemm" else 1.0
-        weight = node_weight_layout(self.layer, self.node, factors.weight()) / alpha
-        return weight, None if factors.bias is None else factors.bias / beta
+        return node_weight_layout(self.layer, self.node, weight) / alpha, None if bias is None else bias / beta
 
 
 def _bias(node: ir.Node, layer: Layer) -> tuple[bool, np.ndarray | None]:

@@ -116,21 +116,26 @@ def least_squares_scaling(
 
 
 def refit_columns(
-    weight: np.ndarray, keep: np.ndarray, second: np.ndarray, mean: np.ndarray, with_bias: bool, ridge: float = 1e-6
+    weight: np.ndarray, keep: np.ndarray, second: np.ndarray, mean: np.ndarray, with_bias: bool, ridge: float = 1e-6,
+    cross: np.ndarray | None = None, mean_o: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The linear map on the kept inputs that best reproduces ``weight @ x`` on calibration data.
+    """The linear map on the kept inputs that best reproduces ``weight @ x_o`` on calibration data.
 
-    ``weight`` is (out, D), ``keep`` the indices of the D inputs that remain, ``second`` E[x x^T]
-    (D, D) and ``mean`` E[x] (D,). Minimises E|W x - (W_K' x_K + d)|^2 over W_K' (out, len(keep))
-    and, when ``with_bias``, the constant d (out,), in float64 with a small ridge (relative to the
-    mean diagonal) for rank-deficient inputs. Returns (W_K', d); d is 0 without bias.
+    ``weight`` is (out, D), ``keep`` the indices of the D inputs that remain, ``second``
+    E[x x^T] (D, D) and ``mean`` E[x] (D,) of the input ``x`` the layer will read. The target is
+    the output on the input ``x_o`` paired with it: ``cross`` E[x_o x^T] (D, D) and ``mean_o``
+    E[x_o] (default: the same input, ``x_o = x``). Minimises E|W x_o - (W_K' x_K + d)|^2 over
+    W_K' (out, len(keep)) and, when ``with_bias``, the constant d (out,), in float64 with a
+    small ridge (relative to the mean diagonal) for rank-deficient inputs. Returns (W_K', d);
+    d is 0 without bias.
     """
     k = np.asarray(keep)
     weight = np.asarray(weight, dtype=np.float64)
-    cross = second[:, k]  # E[x x_K^T]  (D, r)
+    cross = (second if cross is None else cross)[:, k]  # E[x_o x_K^T]  (D, r)
+    mean_o = mean if mean_o is None else mean_o
     gram = second[np.ix_(k, k)]  # E[x_K x_K^T]
     if with_bias:
-        cross = np.concatenate([cross, mean[:, None]], axis=1)
+        cross = np.concatenate([cross, mean_o[:, None]], axis=1)
         gram = np.block([[gram, mean[k][:, None]], [mean[k][None, :], np.ones((1, 1))]])
     gram = gram + ridge * (np.trace(gram) / len(gram)) * np.eye(len(gram))
     solution = np.linalg.solve(gram, (weight @ cross).T).T  # (out, r[+1])

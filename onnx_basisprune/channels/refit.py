@@ -1,18 +1,23 @@
-"""Least-squares refit of the layers that lose input channels, from calibration moments.
+"""Least-squares refit of the layers whose input changes when channels are removed.
 
 Removing a channel takes its contribution away from every layer that reads it. Without weight
 fine-tuning, the best a layer can do is replace the removed inputs by their best linear estimate
-from the kept ones (and their mean by the layer's bias, where it has one): ``W x ~ W_K' x_K + d``, solved in closed form from
-the moments ``E[x x^T]``, ``E[x]`` of the layer's input on the calibration data (the channel
+from the kept ones (and their mean by the layer's bias, where it has one): ``W x ~ W_K' x_K + d``,
+solved in closed form from moments of the layer's input on the calibration data (the channel
 pruning of He et al. 2017, without the LASSO step). For a 2-D Conv, ``x`` is one im2col row (the
 input patch of one output position, channel-major like the weight); for Gemm/MatMul it is the
-feature vector. The moments are gathered by the Torch stage in the same pass as the channel
-importance (:func:`onnx_basisprune.calibration.importance.measure_channel_importance`).
+feature vector.
 
-Refitted: Conv with ``group == 1`` and a 2-D kernel, Gemm (``transA == 0``) and MatMul with a
-constant 2-D weight, up to :data:`MAX_INPUTS` inputs per row (the moment matrix is D x D). Other
-consumers just lose the columns, as :class:`~onnx_basisprune.channels.rewrite.RemoveChannelsPass`
-leaves them.
+A :class:`Refit` holds one layer's result over all its output rows; :func:`apply_refits`
+installs the kept rows in the channel-removed model. The refits come from the graph-order walk of
+:mod:`onnx_basisprune.pipeline.channel_refit` (the default), or from :func:`independent_refits`:
+each layer that loses input channels on its own, from the moments ``E[x x^T]``, ``E[x]`` of its
+input in the original model, gathered by the Torch stage in the same pass as the channel
+importance (:func:`onnx_basisprune.calibration.importance.measure_channel_importance`) for the
+layers :func:`refittable_consumers` names: Conv with ``group == 1`` and a 2-D kernel, Gemm
+(``transA == 0``) and MatMul with a constant 2-D weight, up to :data:`MAX_INPUTS` inputs per row
+(the moment matrix is D x D). Other consumers just lose the columns, as
+:class:`~onnx_basisprune.channels.rewrite.RemoveChannelsPass` leaves them.
 """
 
 from __future__ import annotations
@@ -111,44 +116,86 @@ def _weight_matrix(node: ir.Node) -> np.ndarray:
     return fc_matrix(node, w)
 
 
-def refit_consumers(pruned: ir.Model, original: ir.Model, analysis: ChannelAnalysis, removed: np.ndarray,
-                    moments: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
-    """Replace, in ``pruned`` (``original`` after removing the groups flagged in ``removed``),
-    the weight and bias of every layer that lost input channels and has ``moments`` (node name ->
-    (E[x x^T], E[x]) of its input in ``original``) by their least-squares refit. Returns how
-    many layers were refitted."""
-    layer_channels = analysis.layer_channels()
-    before = {node.name: node for node in original.graph}
+def has_bias(node: ir.Node) -> bool:
+    """Whether the node has a bias input. Removed inputs' means go into it, where it has one
+    (exported Convs have one once BatchNorm is folded); no bias is added, so the cost model holds."""
+    return len(node.inputs) > 2 and node.inputs[2] is not None
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A layer refitted on its kept inputs, every output row: ``weight`` (out, kept D) with
+    ``y = W x`` (Gemm alpha folded in), ``delta`` (out,) added to its bias (0 without one)."""
+
+    weight: np.ndarray
+    delta: np.ndarray
+
+
+def kept_channels(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per Conv/Gemm/MatMul node: (kept output channels, kept input channels or features), bool."""
+    def kept(groups: np.ndarray) -> np.ndarray:
+        return (groups < 0) | ~removed[np.maximum(groups, 0)]
+
+    return {name: (kept(out), kept(inp)) for name, (out, inp) in analysis.layer_channels().items()}
+
+
+def kept_columns(keep_in: np.ndarray, width: int) -> np.ndarray:
+    """Indices of the kept columns of a (out, ``width``) weight matrix whose input channels (or
+    features) ``keep_in`` flags: a Conv's columns are channel-major, kernel positions inside."""
+    return np.flatnonzero(np.repeat(keep_in, width // len(keep_in)))
+
+
+def independent_refits(original: ir.Model, analysis: ChannelAnalysis, removed: np.ndarray,
+                       moments: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Refit]:
+    """The least-squares refit of every layer that loses input channels and has ``moments``
+    (node name -> (E[x x^T], E[x]) of its input in ``original``): each layer on its own, as if
+    its kept inputs were unchanged."""
+    keeps = kept_channels(analysis, removed)
+    refits = {}
+    for node in original.graph:
+        if node.name not in moments or keeps[node.name][1].all():
+            continue
+        weight = _weight_matrix(node)
+        second, mean = moments[node.name]
+        columns = kept_columns(keeps[node.name][1], weight.shape[1])
+        refits[node.name] = Refit(*refit_columns(weight, columns, second, mean, has_bias(node)))
+    return refits
+
+
+def apply_refits(pruned: ir.Model, analysis: ChannelAnalysis, removed: np.ndarray, refits: Mapping[str, Refit]) -> int:
+    """Install ``refits`` (from the model the analysis was made of) in ``pruned``, that model
+    with the groups flagged in ``removed`` taken out: the kept rows of each refit become the
+    node's weight, their deltas go into its bias. Returns how many layers were refitted."""
+    keeps = kept_channels(analysis, removed)
     count = 0
     for node in pruned.graph:
-        if node.name not in moments:
+        refit = refits.get(node.name)
+        if refit is None:
             continue
-        out_groups, in_groups = layer_channels[node.name]
-        keep_in = (in_groups < 0) | ~removed[np.maximum(in_groups, 0)]
-        if keep_in.all():
-            continue
-        keep_out = (out_groups < 0) | ~removed[np.maximum(out_groups, 0)]
-        old = before[node.name]
-        weight = _weight_matrix(old)
-        per_input = weight.shape[1] // len(keep_in)  # kernel positions per input channel (Conv)
-        columns = np.flatnonzero(np.repeat(keep_in, per_input))
-        second, mean = moments[node.name]
-        # The mean of the removed inputs goes into the layer's bias, where it has one (exported
-        # Convs have one once BatchNorm is folded); no bias is added, so the cost model holds.
-        with_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-        fitted, delta = refit_columns(weight[keep_out], columns, second, mean, with_bias)
+        keep_out, keep_in = keeps[node.name]
+        fitted = refit.weight[keep_out]
+        old_shape = tuple(node.inputs[1].const_value.shape)
         dtype = node.inputs[1].const_value.numpy().dtype
         if node.op_type == "Conv":
-            new = fitted.reshape(int(keep_out.sum()), int(keep_in.sum()), *old.inputs[1].const_value.shape[2:])
+            new = fitted.reshape(int(keep_out.sum()), int(keep_in.sum()), *old_shape[2:])
         else:
             new = fc_layout(node, fitted)
             if node.op_type == "Gemm":
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)  # alpha is folded into the fit
-        assert new.shape == tuple(node.inputs[1].const_value.shape), (node.name, new.shape, node.inputs[1].const_value.shape)
+        assert new.shape == old_shape, (node.name, new.shape, old_shape)
         node.replace_input_with(1, new_initializer(pruned.graph, f"{node.name}.weight_refit", new.astype(dtype)))
-        if with_bias:
-            add_to_bias(pruned.graph, node, delta, dtype)
+        if has_bias(node):
+            add_to_bias(pruned.graph, node, refit.delta[keep_out], dtype)
         count += 1
     if count:
         common.RemoveUnusedNodesPass()(pruned)  # the weights the refit replaced
     return count
+
+
+def refit_consumers(pruned: ir.Model, original: ir.Model, analysis: ChannelAnalysis, removed: np.ndarray,
+                    moments: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Replace, in ``pruned`` (``original`` after removing the groups flagged in ``removed``),
+    the weight and bias of every layer that lost input channels and has ``moments`` by their
+    independent least-squares refit (:func:`independent_refits`). Returns how many layers were
+    refitted."""
+    return apply_refits(pruned, analysis, removed, independent_refits(original, analysis, removed, moments))

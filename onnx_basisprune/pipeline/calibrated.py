@@ -35,12 +35,12 @@ from .prepared import Prepared, PruneResult, apply_plan, final_model, plan_cost,
 if TYPE_CHECKING:
     from ..runtime.latency import LatencyTable
 
-NEAR_PERFECT = 0.99
+NEAR_PERFECT = 0.99  # the original's held-out accuracy from which the held-out part is probably training data
 # Images the sequential fit walks the graph with (a seeded random subset of the calibration part):
 # each layer's moments use about 16 sampled rows per input dimension, which a few hundred images
 # give many times over; more images only cost time, and memory (the fit holds the graph frontier
 # of its images twice). The statistics pass (Fisher weights, original moments) uses every image.
-FIT_SAMPLES = 512  # the original's held-out accuracy from which the held-out part is probably training data
+FIT_SAMPLES = 512
 
 
 def basis_gates(decomposed: ir.Model) -> dict[str, tuple[str, int]]:
@@ -140,6 +140,15 @@ class CalibrationData:
     @property
     def n_batches(self) -> int:
         return -(-len(self.calib) // self.config.batch_size)
+
+    def fit_batches(self):
+        """Batches of the images the sequential fits walk the graph with: a seeded random subset
+        of at most :data:`FIT_SAMPLES` of the calibration part."""
+        fit_set = self.calib
+        if len(fit_set) > FIT_SAMPLES:
+            chosen = np.random.default_rng(self.config.seed).choice(len(fit_set), FIT_SAMPLES, replace=False)
+            fit_set = fit_set.subset(np.sort(chosen))
+        return fit_set.batches(self.config.batch_size)
 
     def pass_settings(self, progress: bool = True):
         """How a Torch pass over these batches runs (``calibration.importance.PassSettings``)."""
@@ -258,12 +267,7 @@ def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool 
     module = torch_module(prepared.model, data)
     sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
     stats = layer_statistics(module, sites, data.batches(), data.pass_settings(verbose))
-    fit_set = data.calib
-    if len(fit_set) > FIT_SAMPLES:
-        chosen = np.random.default_rng(config.seed).choice(len(fit_set), FIT_SAMPLES, replace=False)
-        fit_set = fit_set.subset(np.sort(chosen))
-    builder = SequentialBuilder(module, targets, stats.fisher, lambda: fit_set.batches(config.batch_size), config.device,
-                                config.seed, verbose)
+    builder = SequentialBuilder(module, targets, stats.fisher, data.fit_batches, config.device, config.seed, verbose)
     return targets, stats, builder
 
 

@@ -19,19 +19,24 @@ How the budget is divided, by measurement:
   ``F ** share`` of the params / MACs (MACs as the latency proxy) and the basis stage meets ``F``;
   the same shares are tried, and bases alone; the best held-out quality wins.
 
-Channel removal alone would lose much more than it needs to: every layer that loses input
-channels is refitted by least squares from calibration moments (:mod:`onnx_basisprune.channels.refit`).
+Channel removal alone would lose much more than it needs to: every layer whose input changes is
+refitted by least squares, in graph order on the inputs the channel-pruned model produces, to
+reproduce the original model's output (:mod:`.channel_refit`); with ``--fit independent`` only the
+layers that lose input channels are, each from the original model's input moments
+(:mod:`onnx_basisprune.channels.refit`).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from ..channels.analysis import ChannelAnalysis, analyse_channels
-from ..channels.refit import refit_consumers, refittable_consumers
+from ..channels.refit import Refit, apply_refits, independent_refits, refittable_consumers
 from ..channels.rewrite import remove_channels
 from ..channels.select import ChannelScores, family_scores, per_unit_cost, removal_at, removal_for_budget
 from ..config import Target
@@ -39,30 +44,47 @@ from ..errors import BasisPruneError
 from ..plan import ranks
 from ..plan.search import Evaluator, Quality, describe_change, max_drop_search
 from .calibrated import CalibrationData, basis_stage, torch_module
+from .channel_refit import SequentialRefit
 from .prepared import Prepared, PruneResult, prepare
 
 SHARES = (0.0, 1 / 3, 2 / 3)
 DEFAULT_CHANNEL_CRITERION = "taylor-sq"
 
 
+REFITS_KEPT = 8  # channel removals whose refits are kept (a search revisits its candidates)
+
+
 @dataclass
 class ChannelStage:
-    """The channel analysis of the original model and the normalised importance of its groups."""
+    """The channel analysis of the original model, the normalised importance of its groups and
+    ``refit``: the layer refits for a removal, in graph order on the pruned model's inputs
+    (``--fit sequential``, :class:`.channel_refit.SequentialRefit`) or each from the original's
+    input moments (``--fit independent``, :func:`onnx_basisprune.channels.refit.independent_refits`)."""
 
     prepared: Prepared
     analysis: ChannelAnalysis
     scores: ChannelScores
-    moments: dict[str, tuple[np.ndarray, np.ndarray]]  # input moments of the refittable layers
+    refit: Callable[[np.ndarray], dict[str, Refit]]
     criterion: str
     samples: int
     seconds: float
     _quality: dict[tuple[int, bytes], Quality] = field(default_factory=dict, repr=False)
+    _refits: dict[bytes, dict[str, Refit]] = field(default_factory=dict, repr=False)
+
+    def refits(self, removed: np.ndarray) -> dict[str, Refit]:
+        """``refit(removed)``; the latest :data:`REFITS_KEPT` are kept."""
+        key = removed.tobytes()
+        if key not in self._refits:
+            while len(self._refits) >= REFITS_KEPT:
+                del self._refits[next(iter(self._refits))]
+            self._refits[key] = self.refit(removed)
+        return self._refits[key]
 
     def model(self, removed: np.ndarray) -> ir.Model:
         """The original (normalised) model without the groups flagged in ``removed``, the layers
         that lost inputs refitted by least squares."""
         model = remove_channels(self.prepared.model, self.analysis, np.flatnonzero(removed))
-        refit_consumers(model, self.prepared.model, self.analysis, removed, self.moments)
+        apply_refits(model, self.analysis, removed, self.refits(removed))
         return model
 
     def cost(self, removed: np.ndarray) -> tuple[int, int]:
@@ -82,7 +104,8 @@ class ChannelStage:
 
 
 def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
-    """Analyse the channel coupling and measure every prunable group's Taylor importance."""
+    """Analyse the channel coupling and measure every prunable group's Taylor importance (and,
+    for ``--fit independent``, the input moments of the layers to refit)."""
     from ..calibration.importance import ChannelSite, measure_channel_importance
 
     analysis = analyse_channels(prepared.model, prepared.shapes)
@@ -94,11 +117,17 @@ def channel_stage(prepared: Prepared, data: CalibrationData) -> ChannelStage:
     config = data.config
     criterion = config.channel_criterion or DEFAULT_CHANNEL_CRITERION
     sites = [ChannelSite(site.tensor, site.axis, site.groups) for site in analysis.sites]
-    consumers = refittable_consumers(prepared.model, analysis, prepared.shapes)
+    independent = config.fit == "independent"
+    consumers = refittable_consumers(prepared.model, analysis, prepared.shapes) if independent else {}
     importance = measure_channel_importance(module, sites, len(analysis.groups), data.batches(), data.pass_settings(),
                                             consumers=list(consumers.values()))
     scores = family_scores(analysis, importance.by_criterion(criterion))
-    return ChannelStage(prepared, analysis, scores, importance.moments, criterion, importance.samples, importance.seconds)
+    if independent:
+        refit = functools.partial(independent_refits, prepared.model, analysis, moments=importance.moments)
+    else:
+        refit = SequentialRefit.of(prepared.model, prepared.layers, prepared.shapes, analysis, module, data.fit_batches,
+                                   device=config.device, seed=config.seed, progress=config.progress)
+    return ChannelStage(prepared, analysis, scores, refit, criterion, importance.samples, importance.seconds)
 
 
 def channels_within(stage: ChannelStage, data: CalibrationData, max_drop: float, block: int) -> np.ndarray:
