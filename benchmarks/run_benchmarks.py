@@ -15,7 +15,8 @@ Per case (model, calibration images, test images, all from ../shared or built by
   least-squares refit); each lever on its own once at MACs 0.7 (fit, allocation, tuning);
 * data-free singular-value truncation and the baselines (``benchmarks/baselines.py``) at the same
   MACs; ``--double`` at the case's budgets; the operating point searched with ``--eval`` on half
-  of the test images and tested on the other half;
+  of the test images and tested on the other half; in a case that aligns ranks to a block of its
+  own, also ``--max-drop 1`` at the CPU's own block, as a default run aligns them;
 * CPU latency (onnxruntime, 2 threads, batch 1 and 8, alternating runs) of every model, as a
   ratio to the original.
 
@@ -28,13 +29,14 @@ Writes ``DIR/<case>.json`` (everything measured, with the commands and versions)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -180,6 +182,19 @@ def _save(result, path: Path) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _cpu_block() -> Iterator[int]:
+    """Ranks aligned to the CPU's own block for a while (a case's ``BASISPRUNE_BLOCK`` lifted)."""
+    from onnx_basisprune.plan.ranks import cpu_block_size
+
+    saved = os.environ.pop("BASISPRUNE_BLOCK", None)
+    try:
+        yield cpu_block_size()
+    finally:
+        if saved is not None:
+            os.environ["BASISPRUNE_BLOCK"] = saved
+
+
 def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     start = time.perf_counter()
     value = fn()
@@ -219,11 +234,11 @@ def ours(case: Case, work: Path, tester: Tester) -> tuple[list[Row], dict]:
                             "load_seconds": round(load_s, 1)}}
 
     def run(criterion: str, fit: str, target, tune: bool = False, evaluated: CalibrationData = data, name: str = "basisprune",
-            unseen_only: bool = False) -> None:
+            unseen_only: bool = False, suffix: str = "") -> None:
         # the final speed check acts on quality targets (it may recompose); budgets are measured here
         evaluated = replace(evaluated, config=replace(config, criterion=criterion, fit=fit, tune=tune,
                                                       check_speed=target.kind == "max-drop"))
-        label = _label(target) + (", --eval" if unseen_only else "")
+        label = _label(target) + (", --eval" if unseen_only else "") + suffix
         method = _method(criterion, fit, tune)
         try:
             result, seconds = _timed(lambda: basis_stage(prepared, evaluated, target, prepared.original, verbose=False,
@@ -261,6 +276,9 @@ def ours(case: Case, work: Path, tester: Tester) -> tuple[list[Row], dict]:
     validated = CalibrationData(data.calib, Evaluator(lambda: tester.validation.batches(64), tester.validation.labels,
                                                       prepared.model), data.loss, config)
     run(*NEW, Target("max-drop", 1.0), evaluated=validated, unseen_only=True)
+    if case.block is not None:  # the default run, which aligns ranks to the CPU's own block
+        with _cpu_block() as block:
+            run(*NEW, Target("max-drop", 1.0), suffix=f", CPU block {block}")
     if case.double:
         from onnx_basisprune.pipeline.double import channel_stage, double_prune
 
@@ -458,9 +476,9 @@ def verdicts(record: dict) -> list[str]:
     found = [(what, find("basisprune", m, lever)) for m, what in steps]
     if all(r is not None for _, r in found):
         out.append(f"* Levers at {lever}: " + "; ".join(f"{what} {_drop(record, r):+.2f} pt" for what, r in found) + ".")
-    for target in ("max-drop 1", "max-drop 1, --eval"):
-        op = find("basisprune", _method(*NEW), target)
-        if op is None:
+    for op in tested:
+        target = op["target"]
+        if op["method"] != "basisprune" or op["criterion"] != _method(*NEW) or not target.startswith("max-drop 1"):
             continue
         macs = op["macs"] / original["macs"]
         lat = [op["latency"].get(b) for b in ("b1", "b8")]
