@@ -535,6 +535,12 @@ def transfer_markdown(models: dict) -> list[str]:
     return lines + [""]
 
 
+def _machines(records: list[dict], env: dict) -> str:
+    """The CPU(s) the cases ran on: one, or each named (every case's Rerun line says which)."""
+    cpus = sorted({r["environment"]["cpu"] for r in records} or {env["cpu"]})
+    return f"Machine: {cpus[0]}" if len(cpus) == 1 else f"Machines (each case's Rerun line names its own): {'; '.join(cpus)}"
+
+
 def write_results(out: Path, target: Path = RESULTS_MD) -> None:
     if (MODELS / TRANSFER_JSON).exists():
         shutil.copyfile(MODELS / TRANSFER_JSON, out / TRANSFER_JSON)
@@ -546,7 +552,7 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
         "Written by `benchmarks/run_benchmarks.py` (do not edit by hand). Every number below was measured by that script; "
         "rerun one case with the command under its heading, or everything with `.venv/bin/python benchmarks/run_benchmarks.py` "
         "after `.venv/bin/python benchmarks/transfer_models.py` (builds the transfer models into `build/benchmarks/models`).", "",
-        f"Machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
+        f"{_machines(records, env)}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
         f"torch {env['torch']}, numpy {env['numpy']}. Latency: onnxruntime CPU provider, {THREADS} threads, "
         "ORT_ENABLE_ALL, models timed alternately with the original; ratios are pruned / original medians.", "",
         "CUDA execution provider: unmeasured. The one GPU machine lent so far (an NVIDIA H200, 2026-12-04) had onnxruntime "

@@ -12,7 +12,9 @@ and the tensors of the model *as pruned so far* (shared while they are equal). A
 fit, the moments of its input in both (``E[x_p x_p^T]``, ``E[x_o x_p^T]``, on the same sampled
 positions) go to ``fit`` (numpy, graph side), whose weights replace the layer's in the pruned
 environment before the walk goes on: each layer is fitted on the inputs the pruned model really
-produces (the loop of SparseGPT / OBC, on an ONNX graph). Memory holds the live tensors of the
+produces (the loop of SparseGPT / OBC, on an ONNX graph). A layer whose output is added to a
+branch (``LayerSite.branch``, a residual block's shortcut) also gets the moments of that branch's
+error, original minus pruned, at the same positions, so its fit makes up for it. Memory holds the live tensors of the
 calibration set (the graph's frontier) twice, not the whole activation history.
 """
 
@@ -38,12 +40,13 @@ Batches = Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]]
 
 @dataclass(frozen=True)
 class LayerSite:
-    """Where a layer lives in the graph: how it reads its input, its output tensor and the
-    channel axis of that output."""
+    """Where a layer lives in the graph: how it reads its input, its output tensor, the channel
+    axis of that output, and the tensor its output alone is added to (None: none)."""
 
     read: ConsumerInput
     output: str
     axis: int
+    branch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,15 @@ class LayerStatistics:
     device: str
 
 
+# Rows sampled per layer in all, at least: a small layer's moments then cost little more and its
+# fit generalises better than from ``rows_per_input`` rows per input dimension alone.
+MIN_ROWS = 65536
+
+
 def _row_cap(read: ConsumerInput, rows_per_input: int, batches: int) -> int:
-    """Rows sampled per batch: about ``rows_per_input`` per input dimension in all, at least 256."""
-    return max(256, -(-rows_per_input * read.size // max(batches, 1)))
+    """Rows sampled per batch: about ``rows_per_input`` per input dimension and at least
+    :data:`MIN_ROWS` in all."""
+    return -(-max(rows_per_input * read.size, MIN_ROWS) // max(batches, 1))
 
 
 class _MomentSums:
@@ -70,11 +79,13 @@ class _MomentSums:
     def __init__(self, read: ConsumerInput):
         self.read = read
         self.gram = self.cross = self.sum_p = self.sum_o = 0
+        self.branch_cross = self.branch_sum = None
         self.rows = 0
 
-    def add(self, rows_p: torch.Tensor, rows_o: torch.Tensor) -> None:
-        """One batch of paired rows (M, groups * d). The products of one batch are taken in
-        float32 (a batch holds a few thousand rows at most), the running sums in float64."""
+    def add(self, rows_p: torch.Tensor, rows_o: torch.Tensor, branch_error: torch.Tensor | None = None) -> None:
+        """One batch of paired rows (M, groups * d), and the branch error at the same positions
+        (M, C_out) where there is one. The products of one batch are taken in float32 (a batch
+        holds a few thousand rows at most), the running sums in float64."""
         g, d = self.read.groups, self.read.size
         p = rows_p.float().reshape(len(rows_p), g, d).transpose(0, 1)  # (g, M, d)
         o = p if rows_o is rows_p else rows_o.float().reshape(len(rows_o), g, d).transpose(0, 1)
@@ -83,12 +94,19 @@ class _MomentSums:
         self.cross = self.cross + (gram if o is p else (o.transpose(1, 2) @ p).double())
         self.sum_p = self.sum_p + p.sum(dim=1, dtype=torch.float64)
         self.sum_o = self.sum_o + o.sum(dim=1, dtype=torch.float64)
+        if branch_error is not None:
+            e = branch_error.float().reshape(len(branch_error), g, -1).transpose(0, 1)  # (g, M, out_g)
+            cross = (e.transpose(1, 2) @ p).double()
+            total = e.sum(dim=1, dtype=torch.float64)
+            self.branch_cross = cross if self.branch_cross is None else self.branch_cross + cross
+            self.branch_sum = total if self.branch_sum is None else self.branch_sum + total
         self.rows += p.shape[1]
 
     def result(self) -> InputMoments:
         n = max(self.rows, 1)
-        as_np = lambda t: (t / n).cpu().numpy()  # noqa: E731
-        return InputMoments(as_np(self.gram), as_np(self.cross), as_np(self.sum_p), as_np(self.sum_o), self.rows)
+        as_np = lambda t: None if t is None else (t / n).cpu().numpy()  # noqa: E731
+        return InputMoments(as_np(self.gram), as_np(self.cross), as_np(self.sum_p), as_np(self.sum_o), self.rows,
+                            as_np(self.branch_cross), as_np(self.branch_sum))
 
 
 def _output_positions(read: ConsumerInput, shape: torch.Size) -> tuple[int, ...]:
@@ -101,14 +119,26 @@ def _output_positions(read: ConsumerInput, shape: torch.Size) -> tuple[int, ...]
     return (shape[0], *out)
 
 
-def sampled_rows(read: ConsumerInput, tensors: Sequence[torch.Tensor], cap: int,
-                 generator: torch.Generator) -> list[torch.Tensor]:
+def sampled_rows(read: ConsumerInput, tensors: Sequence[torch.Tensor], cap: int, generator: torch.Generator,
+                 outputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
     """The layer's input rows (im2col patches, channel-major like the weight, or feature vectors)
-    at the same at most ``cap`` random output positions of each tensor (all when fewer). Only the
-    sampled patches are gathered, never the whole im2col matrix."""
+    at the same at most ``cap`` random output positions of each tensor (all when fewer), then
+    the rows (M, C) of each of ``outputs`` (tensors shaped like the layer's output) at those
+    positions. Only the sampled patches are gathered, never the whole im2col matrix."""
     grid = _output_positions(read, tensors[0].shape)
     total = int(np.prod(grid))
     pick = None if total <= cap else torch.randperm(total, generator=generator)[:cap]
+    return _input_sample(read, tensors, grid, pick) + [_output_sample(read, y, pick) for y in outputs]
+
+
+def _output_sample(read: ConsumerInput, y: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    """Rows (M, C) of a tensor shaped like the layer's output at the picked positions (all: None)."""
+    rows = y.reshape(-1, y.shape[-1]) if read.kernel is None else y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return rows if pick is None else rows[pick.to(rows.device)]
+
+
+def _input_sample(read: ConsumerInput, tensors: Sequence[torch.Tensor], grid: tuple[int, ...],
+                  pick: torch.Tensor | None) -> list[torch.Tensor]:
     if read.kernel is None:
         flat = [x.reshape(-1, x.shape[-1]) for x in tensors]
         return flat if pick is None else [f[pick.to(f.device)] for f in flat]
@@ -223,7 +253,7 @@ def sequential_fit(
         for step in tqdm(module.steps, desc="reconstruction", unit="node", disable=not progress):
             site = sites.get(step.node)
             changed = any(name in diverged for name in step.inputs if name)
-            if site is not None and (changed or step.node in refit_unchanged):
+            if site is not None and (changed or step.node in refit_unchanged or site.branch in diverged):
                 replace = _fitted_inputs(site, step.node, fit, originals, pruned, rows_per_input, generator, device,
                                          dtype=pruned[0][step.inputs[1]].dtype)
                 for env in originals:
@@ -267,11 +297,13 @@ def _fitted_inputs(site: LayerSite, name: str, fit: Fit, originals: list[dict], 
     cap = _row_cap(site.read, rows_per_input, len(pruned))
     for orig, env in zip(originals, pruned):
         x_p, x_o = env[site.read.tensor], orig[site.read.tensor]
+        s_p, s_o = (env.get(site.branch), orig.get(site.branch)) if site.branch else (None, None)
+        errors = [s_o - s_p] if s_p is not None and s_o is not None and s_p is not s_o else []
         if x_o is x_p:
-            (rows_p,) = sampled_rows(site.read, [x_p], cap, generator)
-            sums.add(rows_p, rows_p)
+            rows_p, *error = sampled_rows(site.read, [x_p], cap, generator, errors)
+            sums.add(rows_p, rows_p, *error)
         else:
-            sums.add(*sampled_rows(site.read, [x_p, x_o], cap, generator))
+            sums.add(*sampled_rows(site.read, [x_p, x_o], cap, generator, errors))
     weight, bias = fit(name, sums.result())
     replace = {1: torch.from_numpy(weight).to(device, dtype)}
     if bias is not None:

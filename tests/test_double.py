@@ -631,21 +631,43 @@ def test_double_within_max_drop(double_max_drop):
     assert report["pruned"]["params"] == count_params(ir.serde.deserialize_model(model))
 
 
+def _check_channel_table(rows: list[dict], original: onnx.ModelProto, written: onnx.ModelProto) -> None:
+    """The report's channel table gives each layer's channels in ``original`` and ``written``."""
+    table = {row["name"]: row for row in rows}
+    before, after = _layer_channels(original), _layer_channels(written)
+    assert set(table) == set(after) == set(before)
+    for name, row in table.items():
+        assert (row["in"][0], row["out"][0]) == before[name], name
+        assert (row["in"][1], row["out"][1]) == after[name], name
+        assert row["in"][1] <= row["in"][0] and row["out"][1] <= row["out"][0]
+    # a layer's kept inputs are its producer's kept outputs along this chain
+    names = list(table)
+    for prev, nxt in zip(names, names[1:]):
+        assert table[nxt]["in"][1] == table[prev]["out"][1], (prev, nxt)
+
+
 def test_double_channel_table_matches_the_written_model(double_max_drop):
     out, report = double_max_drop
-    written = _layer_channels(onnx.load(str(out)))
-    original = _layer_channels(onnx.load(str(EXAMPLE_MODEL)))
-    rows = {row["name"]: row for row in report["channels"]}
-    assert set(rows) == set(written) == set(original)
-    for name, row in rows.items():
-        assert (row["in"][0], row["out"][0]) == original[name], name
-        assert (row["in"][1], row["out"][1]) == written[name], name
-        assert row["in"][1] <= row["in"][0] and row["out"][1] <= row["out"][0]
-    assert any(row["out"][1] < row["out"][0] for row in rows.values())  # channels were removed
-    # a layer's kept inputs are its producer's kept outputs along this chain
-    names = list(rows)
-    for prev, nxt in zip(names, names[1:]):
-        assert rows[nxt]["in"][1] == rows[prev]["out"][1], (prev, nxt)
+    _check_channel_table(report["channels"], onnx.load(str(EXAMPLE_MODEL)), onnx.load(str(out)))
+
+
+def test_channel_table_of_a_removal_matches_the_channel_pruned_model():
+    """Whichever candidate the search picks, the table of a removal describes the model built
+    from it (here one that removes channels)."""
+    from onnx_basisprune.api import prepare
+    from onnx_basisprune.config import PruneConfig
+    from onnx_basisprune.pipeline.calibrated import load_calibration_data
+    from onnx_basisprune.pipeline.double import channel_report, channel_stage, channels_for_budget
+
+    prepared = prepare(EXAMPLE_MODEL)
+    config = PruneConfig(calib=EXAMPLE / "calib", limit=60, target_params=0.7, progress=False, check_speed=False)
+    stage = channel_stage(prepared, load_calibration_data(prepared, config))
+    removed = channels_for_budget(stage, "params", 0.7, 1)
+    assert removed is not None and removed.any()
+    pruned = ir.to_proto(stage.model(removed))
+    rows = channel_report(stage.analysis, removed)
+    assert any(row["out"][1] < row["out"][0] for row in rows)
+    _check_channel_table(rows, onnx.load(str(EXAMPLE_MODEL)), pruned)
 
 
 def test_double_chooses_the_smallest_candidate(double_max_drop):

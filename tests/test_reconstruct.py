@@ -111,3 +111,20 @@ def test_without_bias_fits_raw_moments():
     assert factors.bias is None
     solution, *_ = np.linalg.lstsq(xp[0], xo[0] @ w[0].T, rcond=None)
     np.testing.assert_allclose(factors.weight()[0], solution.T, rtol=1e-4, atol=1e-5)
+
+
+def test_branch_error_is_made_up_by_the_least_squares_fit():
+    """A layer added to a branch that pruning changed is fitted to ``W x_o + b + e`` (``e``: the
+    branch's original minus pruned value): at full rank that is plain least squares on ``x_p``."""
+    w, b, xo, xp = _data(groups=1)
+    rng = np.random.default_rng(2)
+    e = xp[0] @ rng.normal(size=(9, 6)) * 0.2 + rng.normal(size=(xp.shape[1], 6)) * 0.1 + 0.5  # partly predictable
+    m = _moments(xp, xo)
+    with_branch = InputMoments(m.gram, m.cross, m.mean_p, m.mean_o, m.rows,
+                               branch_cross=(e.T @ xp[0] / len(e))[None], branch_mean=e.mean(axis=0)[None])
+    factors = fit_layer(w, b, with_branch, rank=6)
+    design = np.concatenate([xp[0], np.ones((len(xp[0]), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, xo[0] @ w[0].T + b + e, rcond=None)
+    np.testing.assert_allclose(factors.weight()[0], solution[:-1].T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(factors.bias, solution[-1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(factors.weight(), fit_layer(w, b, m, rank=6).weight(), atol=1e-3)

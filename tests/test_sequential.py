@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -12,7 +14,7 @@ from onnx_basisprune.plan import ranks
 from onnx_basisprune.pipeline.prepared import prepare, rewritten
 from onnx_basisprune.calibration.importance import PassSettings, _input_rows
 from onnx_basisprune.calibration.interpreter import OnnxTorchModule
-from onnx_basisprune.calibration.reconstruction import LayerSite, layer_statistics, sampled_rows
+from onnx_basisprune.calibration.reconstruction import layer_statistics, sampled_rows
 from onnx_basisprune.calibration.tuning import tune
 from onnx_basisprune.channels.refit import ConsumerInput
 from onnx_basisprune.basis.data_aware import (SequentialBuilder, allocation_scores, layer_targets, tuning_sites, with_factors,
@@ -60,8 +62,7 @@ def setup():
     data = [({"input": rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)}, None) for _ in range(6)]
     targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
     module = OnnxTorchModule(ir.to_proto(prepared.model))
-    sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
-    stats = layer_statistics(module, sites, data, PassSettings("self", progress=False))
+    stats = layer_statistics(module, {name: t.site() for name, t in targets.items()}, data, PassSettings("self", progress=False))
     builder = SequentialBuilder(module, targets, stats.fisher, lambda: iter(data), "cpu", 0, False)
     return prepared, data, targets, stats, builder, module
 
@@ -97,6 +98,62 @@ def test_sampled_rows_pair_the_same_positions():
     x = torch.randn(2, 3, 6, 6)
     a, b = sampled_rows(read, [x, 2 * x], 10, torch.Generator().manual_seed(1))
     torch.testing.assert_close(b, 2 * a)
+
+
+def test_sampled_output_rows_pair_the_input_positions():
+    """Rows of a tensor shaped like the layer's output come from the sampled output positions:
+    for a 1x1 convolution they are the input rows themselves."""
+    read = ConsumerInput("c", "x", 5, kernel=(1, 1), pads=(0, 0, 0, 0))
+    x = torch.randn(3, 5, 4, 6)
+    rows, outputs = sampled_rows(read, [x], 20, torch.Generator().manual_seed(2), [x])
+    torch.testing.assert_close(outputs, rows)
+    fc = ConsumerInput("fc", "x", 7)
+    v = torch.randn(30, 7)
+    rows, outputs = sampled_rows(fc, [v], 12, torch.Generator().manual_seed(3), [2 * v])
+    torch.testing.assert_close(outputs, 2 * rows)
+
+
+def _residual_cnn(seed: int = 5):
+    """conv_in + Relu, then a residual block: conv_a + Relu, conv_b, Add(conv_b, block input),
+    Relu; GlobalAveragePool, Gemm."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    for name, cin, x, out in (("conv_in", 3, "input", "h0"), ("conv_a", 16, "h0", "h1"), ("conv_b", 16, "h1", None)):
+        w = rng.standard_normal((16, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))
+        inits += [tensor(f"{name}.weight", w.astype(np.float32)), tensor(f"{name}.bias", 0.1 * rng.standard_normal(16).astype(np.float32))]
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}.out"], name=name, kernel_shape=[3, 3], pads=[1] * 4))
+        if out:
+            nodes.append(helper.make_node("Relu", [f"{name}.out"], [out], name=f"{name}.relu"))
+    nodes += [helper.make_node("Add", ["conv_b.out", "h0"], ["sum"], name="add"), helper.make_node("Relu", ["sum"], ["h2"], name="relu2"),
+              helper.make_node("GlobalAveragePool", ["h2"], ["pool"], name="pool"),
+              helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
+    inits += [tensor("fc.weight", rng.standard_normal((10, 16)).astype(np.float32)), tensor("fc.bias", np.zeros(10, np.float32))]
+    return make_model(nodes, [("input", TensorProto.FLOAT, ["N", 3, 16, 16])], [("logits", TensorProto.FLOAT, ["N", 10]), ("sum", TensorProto.FLOAT, ["N", 16, 16, 16])], inits)
+
+
+def test_the_last_layer_of_a_residual_branch_makes_up_the_shortcut_error():
+    """conv_in cut changes the shortcut h0 too; conv_b, fitted with the shortcut's error as part
+    of its target, brings the block's sum closer to the original's than a fit of its own output."""
+    prepared = prepare(_residual_cnn())
+    rng = np.random.default_rng(0)
+    data = [({"input": rng.standard_normal((BATCH, 3, 16, 16)).astype(np.float32)}, None) for _ in range(4)]
+    targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
+    assert {name: t.branch for name, t in targets.items()} == {"conv_in": None, "conv_a": None, "conv_b": "h0", "fc": None}
+    module = OnnxTorchModule(ir.to_proto(prepared.model))
+    weights = {name: np.ones(1) for name in targets}
+    plan = _plan(prepared, {"conv_in": 3})
+
+    def block_sum(targets) -> float:
+        decisions = SequentialBuilder(module, targets, weights, lambda: iter(data), "cpu", 0, False).decisions(plan)
+        model, reference = rewritten(prepared, decisions), prepared.model
+        got, want = (np.concatenate([session(m).run(["sum"], feeds)[0] for feeds, _ in data]) for m in (model, reference))
+        return float(((got - want) ** 2).mean())
+
+    without = {name: replace(t, branch=None) for name, t in targets.items()}
+    assert block_sum(targets) < 0.9 * block_sum(without)
 
 
 def test_full_rank_split_with_sequential_fit_reproduces_the_model(setup):

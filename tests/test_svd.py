@@ -162,3 +162,23 @@ def test_least_squares_scaling_with_all_bases_and_identity_moments_is_us():
     scaling, delta = svdlib.least_squares_scaling(dec, svdlib.top_keep(2, r), stats, with_bias=True, ridge=0.0)
     np.testing.assert_allclose(scaling, svdlib.scaling_matrix(dec, svdlib.top_keep(2, r)), atol=1e-12)
     np.testing.assert_allclose(delta, 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_refit_columns_with_a_branch_error_is_least_squares_on_the_kept_inputs(with_bias):
+    """The kept columns are refitted to ``W x_o + e`` (``e``: the error of the branch the output
+    is added to), exactly what least squares on the pruned input's kept columns gives."""
+    rng = np.random.default_rng(3)
+    n, d, out = 4000, 8, 5
+    xo = rng.normal(size=(n, d)) + 0.3
+    xp = xo + 0.2 * rng.normal(size=(n, d))
+    w = rng.normal(size=(out, d))
+    e = xp @ rng.normal(size=(d, out)) * 0.3 + 0.1 * rng.normal(size=(n, out)) + 0.4
+    keep = np.array([0, 2, 3, 5, 7])
+    fitted, delta = svdlib.refit_columns(w, keep, xp.T @ xp / n, xp.mean(axis=0), with_bias, ridge=0.0,
+                                         cross=xo.T @ xp / n, mean_o=xo.mean(axis=0),
+                                         branch_cross=e.T @ xp / n, branch_mean=e.mean(axis=0))
+    design = np.concatenate([xp[:, keep], np.ones((n, 1))], axis=1) if with_bias else xp[:, keep]
+    solution, *_ = np.linalg.lstsq(design, xo @ w.T + e, rcond=None)
+    np.testing.assert_allclose(fitted, solution[: len(keep)].T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(delta, solution[-1] if with_bias else np.zeros(out), rtol=1e-6, atol=1e-8)

@@ -41,13 +41,21 @@ FISHER_FLOOR = 1e-3  # every output channel keeps this share of its layer's mean
 @dataclass(frozen=True)
 class LayerTarget:
     """What a layer computed in the original model: ``y = W x + b``, ``W`` per group
-    (groups, out_g, d); ``bias`` (C_out,) or None when the layer takes no bias (MatMul)."""
+    (groups, out_g, d); ``bias`` (C_out,) or None when the layer takes no bias (MatMul);
+    ``branch``: the tensor its output alone is added to (:func:`added_branch`), else None."""
 
     layer: Layer
     node: ir.Node
     read: ConsumerInput
     weight: np.ndarray
     bias: np.ndarray | None
+    branch: str | None = None
+
+    def site(self):
+        """Where the Torch passes find the layer (``calibration.reconstruction.LayerSite``)."""
+        from ..calibration.reconstruction import LayerSite
+
+        return LayerSite(self.read, self.node.outputs[0].name, 1 if self.layer.op == "Conv" else -1, self.branch)
 
     def node_inputs(self, factors: Factors) -> tuple[np.ndarray, np.ndarray | None]:
         """The recomposed factors as the node's (weight, bias) inputs under its own alpha/beta."""
@@ -79,6 +87,21 @@ def _bias(node: ir.Node, layer: Layer) -> tuple[bool, np.ndarray | None]:
     return True, np.zeros(layer.out_channels) if c is None else c.astype(np.float64).reshape(-1)
 
 
+def added_branch(node: ir.Node, shapes) -> str | None:
+    """The tensor ``node``'s output is added to when its only use is an ``Add`` of two tensors of
+    the output's shape (the last layer of a residual branch; the other input is the shortcut),
+    else None."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add" or len(uses[0].node.inputs) != 2:
+        return None
+    other = uses[0].node.inputs[1 - uses[0].idx]
+    if other is None or other is out or constant_array(other) is not None:
+        return None
+    shape = shapes.get(out)
+    return other.name if shape is not None and shapes.get(other) == shape else None
+
+
 def layer_targets(model: ir.Model, layers: Mapping[str, Layer], shapes) -> dict[str, LayerTarget]:
     """Every layer (splittable, or skipped but with a constant float weight, e.g. depthwise) that
     the sequential fit can refit: 2-D Conv, Gemm, MatMul."""
@@ -93,7 +116,8 @@ def layer_targets(model: ir.Model, layers: Mapping[str, Layer], shapes) -> dict[
             continue
         fittable, bias = _bias(node, layer)
         if fittable:
-            targets[node.name] = LayerTarget(layer, node, read, layer.weight_matrices(weight.astype(np.float64)), bias)
+            targets[node.name] = LayerTarget(layer, node, read, layer.weight_matrices(weight.astype(np.float64)), bias,
+                                             added_branch(node, shapes))
     return targets
 
 
@@ -154,13 +178,10 @@ class SequentialBuilder:
 
     def __init__(self, module, targets: Mapping[str, LayerTarget], fisher: Mapping[str, np.ndarray], batches,
                  device: str | None, seed: int, progress: bool):
-        from ..calibration.reconstruction import LayerSite
-
         self.module = module
         self.targets = dict(targets)
         self.weights = {name: channel_weights(fisher[name], t.layer.out_channels) for name, t in targets.items()}
-        self.sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1)
-                      for name, t in targets.items()}
+        self.sites = {name: t.site() for name, t in targets.items()}
         self.batches = batches
         self.device, self.seed, self.progress = device, seed, progress
         self._cache: dict[tuple, dict[str, Decision]] = {}

@@ -17,6 +17,12 @@ pair: basis filters ``S_r V_r^T L^-1`` (their outputs are uncorrelated, with var
 scaling ``D^(-1/2) U_r``, bias ``b' = W E[x_o] + b - A_r E[x_p]``. Each dropped ``s_i^2`` is
 exactly the (weighted) output error it adds, which makes it a score comparable across layers
 when ``D`` measures what the loss feels.
+
+A layer whose output goes straight into an ``Add`` with a branch that pruning also changed (the
+last convolution of a residual block, with the shortcut as the branch) is fitted to make up that
+branch's error too: the target becomes ``W x_o + b + e`` with ``e = s_o - s_p``, the original
+branch minus the pruned one, so that the sum matches the original (He et al. 2017, arXiv
+1707.06168, section 3.3). Only the moments ``E[e x_p^T]`` and ``E[e]`` enter.
 """
 
 from __future__ import annotations
@@ -37,13 +43,17 @@ class InputMoments:
 
     ``gram`` E[x_p x_p^T] and ``cross`` E[x_o x_p^T] are (groups, d, d), ``mean_p`` / ``mean_o``
     (groups, d); ``x_p`` is the input in the model as pruned so far, ``x_o`` in the original.
-    For the original model alone, ``x_p = x_o`` (see :meth:`symmetric`)."""
+    For the original model alone, ``x_p = x_o`` (see :meth:`symmetric`). ``branch_cross``
+    E[e x_p^T] (groups, out_g, d) and ``branch_mean`` E[e] (groups, out_g): the error ``e`` of
+    the branch the layer's output is added to (None: no such error)."""
 
     gram: np.ndarray
     cross: np.ndarray
     mean_p: np.ndarray
     mean_o: np.ndarray
     rows: int
+    branch_cross: np.ndarray | None = None
+    branch_mean: np.ndarray | None = None
 
     @classmethod
     def symmetric(cls, gram: np.ndarray, mean: np.ndarray, rows: int) -> InputMoments:
@@ -70,13 +80,14 @@ class Factors:
         return self.scaling @ self.basis
 
 
-def _centred(m: InputMoments, with_bias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(G, C) centred on the means when the bias takes them, else the raw moments."""
+def _centred(m: InputMoments, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(G, C, E[e x_p^T]) centred on the means when the bias takes them, else the raw moments."""
     if not with_bias:
-        return m.gram, m.cross
+        return m.gram, m.cross, m.branch_cross
     gram = m.gram - m.mean_p[:, :, None] * m.mean_p[:, None, :]
     cross = m.cross - m.mean_o[:, :, None] * m.mean_p[:, None, :]
-    return gram, cross
+    branch = None if m.branch_cross is None else m.branch_cross - m.branch_mean[:, :, None] * m.mean_p[:, None, :]
+    return gram, cross, branch
 
 
 def _cholesky(gram: np.ndarray) -> np.ndarray:
@@ -111,12 +122,13 @@ def fit_layer(weight: np.ndarray, bias: np.ndarray | None, moments: InputMoments
     dw = np.ones(groups * out_g) if channel_weight is None else np.asarray(channel_weight, dtype=np.float64)
     root = np.sqrt(dw).reshape(groups, out_g)
     with_bias = bias is not None
-    gram, cross = _centred(moments, with_bias)
+    gram, cross, branch = _centred(moments, with_bias)
     bases, scalings, spectra = [], [], []
     for g in range(groups):
         lower = _cholesky(gram[g])
-        # D^(1/2) W C L^-T, as (L^-1 C^T W^T D^(1/2))^T with a triangular solve.
-        m = scipy.linalg.solve_triangular(lower, cross[g].T @ (w[g].T * root[g]), lower=True).T
+        # D^(1/2) (W C + E[e x_p^T]) L^-T, as (L^-1 (C^T W^T + E[x_p e^T]) D^(1/2))^T with a triangular solve.
+        target = cross[g].T @ w[g].T if branch is None else cross[g].T @ w[g].T + branch[g].T
+        m = scipy.linalg.solve_triangular(lower, target * root[g], lower=True).T
         u, s, vt = np.linalg.svd(m, full_matrices=False)
         basis = scipy.linalg.solve_triangular(lower, (vt[:rank].T * s[:rank]), lower=True, trans="T").T  # S V^T L^-1
         bases.append(basis)
@@ -126,7 +138,8 @@ def fit_layer(weight: np.ndarray, bias: np.ndarray | None, moments: InputMoments
     new_bias = None
     if with_bias:
         a = factors_scaling @ factors_basis
-        target = np.einsum("god,gd->go", w, moments.mean_o).reshape(-1) + np.asarray(bias, dtype=np.float64)
+        target = np.einsum("god,gd->go", w, moments.mean_o) + (0 if moments.branch_mean is None else moments.branch_mean)
+        target = target.reshape(-1) + np.asarray(bias, dtype=np.float64)
         new_bias = target - np.einsum("god,gd->go", a, moments.mean_p).reshape(-1)
     return Factors(factors_basis, factors_scaling, new_bias, np.stack(spectra))
 

@@ -118,13 +118,16 @@ def least_squares_scaling(
 def refit_columns(
     weight: np.ndarray, keep: np.ndarray, second: np.ndarray, mean: np.ndarray, with_bias: bool, ridge: float = 1e-6,
     cross: np.ndarray | None = None, mean_o: np.ndarray | None = None,
+    branch_cross: np.ndarray | None = None, branch_mean: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The linear map on the kept inputs that best reproduces ``weight @ x_o`` on calibration data.
 
     ``weight`` is (out, D), ``keep`` the indices of the D inputs that remain, ``second``
     E[x x^T] (D, D) and ``mean`` E[x] (D,) of the input ``x`` the layer will read. The target is
     the output on the input ``x_o`` paired with it: ``cross`` E[x_o x^T] (D, D) and ``mean_o``
-    E[x_o] (default: the same input, ``x_o = x``). Minimises E|W x_o - (W_K' x_K + d)|^2 over
+    E[x_o] (default: the same input, ``x_o = x``). ``branch_cross`` E[e x^T] (out, D) and
+    ``branch_mean`` E[e] (out,) add the error ``e`` of a branch the output is added to (see
+    ``reconstruct``) to the target. Minimises E|W x_o + e - (W_K' x_K + d)|^2 over
     W_K' (out, len(keep)) and, when ``with_bias``, the constant d (out,), in float64 with a
     small ridge (relative to the mean diagonal) for rank-deficient inputs. Returns (W_K', d);
     d is 0 without bias.
@@ -138,5 +141,9 @@ def refit_columns(
         cross = np.concatenate([cross, mean_o[:, None]], axis=1)
         gram = np.block([[gram, mean[k][:, None]], [mean[k][None, :], np.ones((1, 1))]])
     gram = gram + ridge * (np.trace(gram) / len(gram)) * np.eye(len(gram))
-    solution = np.linalg.solve(gram, (weight @ cross).T).T  # (out, r[+1])
+    target = weight @ cross  # E[y_o x_K^T] (out, r[+1])
+    if branch_cross is not None:
+        target = target + (np.concatenate([branch_cross[:, k], branch_mean[:, None]], axis=1) if with_bias
+                           else branch_cross[:, k])
+    solution = np.linalg.solve(gram, target.T).T  # (out, r[+1])
     return solution[:, : len(k)], solution[:, len(k)] if with_bias else np.zeros(len(weight))

@@ -259,13 +259,13 @@ def basis_importance(prepared: Prepared, data: CalibrationData, verbose: bool = 
 def data_aware_builder(prepared: Prepared, data: CalibrationData, verbose: bool = True):
     """The statistics pass on the original model (input moments and output Fisher weights of
     every refittable layer) and the builder that refits plans in graph order."""
-    from ..calibration.reconstruction import LayerSite, layer_statistics
+    from ..calibration.reconstruction import layer_statistics
     from ..basis.data_aware import SequentialBuilder, layer_targets
 
     config = data.config
     targets = layer_targets(prepared.model, prepared.layers, prepared.shapes)
     module = torch_module(prepared.model, data)
-    sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1) for name, t in targets.items()}
+    sites = {name: t.site() for name, t in targets.items()}
     stats = layer_statistics(module, sites, data.batches(), data.pass_settings(verbose))
     builder = SequentialBuilder(module, targets, stats.fisher, data.fit_batches, config.device, config.seed, verbose)
     return targets, stats, builder

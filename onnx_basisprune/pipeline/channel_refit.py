@@ -61,11 +61,10 @@ class SequentialRefit:
         return cls(targets, analysis, module, batches, **options)
 
     def __call__(self, removed: np.ndarray) -> dict[str, Refit]:
-        from ..calibration.reconstruction import LayerSite, sequential_fit
+        from ..calibration.reconstruction import sequential_fit
 
         keeps = kept_channels(self.analysis, removed)
-        sites = {name: LayerSite(t.read, t.node.outputs[0].name, 1 if t.layer.op == "Conv" else -1)
-                 for name, t in self.targets.items()}
+        sites = {name: t.site() for name, t in self.targets.items()}
         refits: dict[str, Refit] = {}
 
         def fit(name: str, moments: InputMoments) -> tuple[np.ndarray, np.ndarray | None]:
@@ -73,8 +72,11 @@ class SequentialRefit:
             weight = t.weight[0]
             columns = kept_columns(keeps[name][1], weight.shape[1]) if name in keeps else np.arange(weight.shape[1])
             with_bias = has_bias(t.node)
+            branch = moments.branch_cross is not None
             fitted, delta = refit_columns(weight, columns, moments.gram[0], moments.mean_p[0], with_bias,
-                                          cross=moments.cross[0], mean_o=moments.mean_o[0])
+                                          cross=moments.cross[0], mean_o=moments.mean_o[0],
+                                          branch_cross=moments.branch_cross[0] if branch else None,
+                                          branch_mean=moments.branch_mean[0] if branch else None)
             refits[name] = Refit(fitted, delta)
             full = np.zeros_like(weight)
             full[:, columns] = fitted

@@ -19,7 +19,7 @@ import numpy as np
 from ..basis.layers import Layer
 from ..basis.rewrite import Decision
 from ..basis.svd import energy_rank, top_keep
-from ..runtime.machine import cpuinfo
+from ..runtime.machine import cpu_vector_extension
 from .bisection import first_fitting
 
 
@@ -71,7 +71,7 @@ def per_unit_cost(scores: Mapping[str, LayerScores], layers: Mapping[str, Layer]
 
 def cpu_block_size() -> int:
     """Channel block of onnxruntime's CPU convolutions: 16 with AVX-512, else 8."""
-    return 16 if " avx512f" in cpuinfo() else 8
+    return 16 if cpu_vector_extension() == "AVX-512" else 8
 
 
 def block_size(provider: str) -> int:

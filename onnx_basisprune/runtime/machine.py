@@ -18,12 +18,28 @@ def cpuinfo() -> str:
     return ""
 
 
-def cpu_model() -> str:
-    """The CPU's model name."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (those of the first processor listed)."""
     for line in cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_vector_extension() -> str:
+    """The widest x86 vector extension onnxruntime's CPU kernels can use: "AVX-512", "AVX2",
+    or "" (neither, or not x86)."""
+    flags = cpu_flags()
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (one model name covers machines
+    with and without AVX-512), e.g. "AMD EPYC (AVX2)"."""
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine() or "unknown")
+    extension = cpu_vector_extension()
+    return f"{name} ({extension})" if extension else name
 
 
 def physical_cores() -> int:
