@@ -552,7 +552,7 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
         "Written by `benchmarks/run_benchmarks.py` (do not edit by hand). Every number below was measured by that script; "
         "rerun one case with the command under its heading, or everything with `.venv/bin/python benchmarks/run_benchmarks.py` "
         "after `.venv/bin/python benchmarks/transfer_models.py` (builds the transfer models into `build/benchmarks/models`).", "",
-        f"{_machines(records, env)}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
+        f"{_machines(records, env)}; {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
         f"torch {env['torch']}, numpy {env['numpy']}. Latency: onnxruntime CPU provider, {THREADS} threads, "
         "ORT_ENABLE_ALL, models timed alternately with the original; ratios are pruned / original medians.", "",
         "CUDA execution provider: unmeasured. The one GPU machine lent so far (an NVIDIA H200, 2026-12-04) had onnxruntime "
