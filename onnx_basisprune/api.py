@@ -17,7 +17,7 @@ from .config import DataSource, PruneConfig
 from .pipeline.job import run_main_job
 from .pipeline.prepared import ModelLike, Prepared, PruneResult, apply_plan, as_ir, prepare
 from .plan import ranks
-from .plan.plans import data_free_plan, measured_if_asked, predicted_latency_ratio
+from .plan.plans import data_free_plan, predicted_latency_ratio, use_measured_latency
 
 
 def decompose(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> PruneResult:
@@ -79,8 +79,10 @@ def run(model: ModelLike, config: PruneConfig) -> PruneResult:
     if config.full_rank:
         return decompose(model, config.input_shapes)
     prepared = prepare(model, config.input_shapes)
-    prepared, table = measured_if_asked(prepared, config, config.budget(), ranks.block_size(config.provider),
-                                        config.progress)
+    table = None
+    if config.latency_aware or config.target_latency is not None:
+        prepared, table = use_measured_latency(prepared, config.provider, ranks.block_size(config.provider),
+                                               config.latency_batches)
     plan = data_free_plan(prepared, energy=config.energy, target_params=config.target_params,
                           target_macs=config.target_macs, provider=config.provider,
                           target_latency=config.target_latency, table=table)

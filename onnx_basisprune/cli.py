@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-drop", type=float, metavar="P", help="with --calib: strongest pruning whose held-out quality drops at most P points (default 1)")
     target.add_argument("--full-rank", action="store_true", help="only decompose at full rank (same outputs; to check exactness)")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="round kept ranks to this provider's channel block (default cpu)")
-    parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=None, help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster (default: on for every target but --target-params, which asks for size; off for --energy)")
+    parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=None, help="time every layer, original and split at aligned ranks, on --provider (cached) and split a layer only where that is faster (default: on for --max-drop and --target-latency, off for params/MACs budgets)")
     parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS", help="shape for an input with symbolic non-batch dims, e.g. input=1x3x224x224")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.add_argument("--report-md", metavar="R.md", help="write a Markdown report here, with PNG figures beside it (sweep, kept ranks)")

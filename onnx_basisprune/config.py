@@ -74,7 +74,7 @@ class PruneConfig:
     tune: bool = False
     channel_criterion: str | None = None
     provider: str = "cpu"
-    latency_aware: bool | None = None  # None: on for every target but a params budget
+    latency_aware: bool | None = None  # None: on for a quality or latency target with calibration data
     latency_batches: tuple[int, ...] = (1, 8)
     time_candidates: bool = True  # time the models the quality search evaluated
     check_speed: bool = True  # time the final model against the original (and recompose what is not faster)
@@ -121,21 +121,14 @@ class PruneConfig:
         """The criterion that allocates ranks (``criterion``, else the default)."""
         return self.criterion or DEFAULT_CRITERION
 
-    def measures_latency(self, target: Target | None) -> bool:
+    def measures_latency(self, target: Target) -> bool:
         """Whether layers are timed on the provider to decide where a split pays: as asked, else
-        for every target but a params budget, which asks for size (``None``: data-free energy
-        truncation, which asks for neither)."""
-        if self.latency_aware is not None:
-            return self.latency_aware
-        return target is not None and target.kind != "params"
-
-    def budget(self) -> Target | None:
-        """The params, MACs or latency budget given, if any."""
-        for kind, value in (("params", self.target_params), ("macs", self.target_macs), ("latency", self.target_latency)):
-            if value is not None:
-                return Target(kind, value)
-        return None
+        for a quality (``max-drop``) or latency target; a params or MACs budget asks for size."""
+        return self.latency_aware if self.latency_aware is not None else target.kind in ("max-drop", "latency")
 
     def target(self) -> Target:
         """The target of the calibrated job (``max-drop`` 1 point unless a budget is given)."""
-        return self.budget() or Target("max-drop", DEFAULT_MAX_DROP if self.max_drop is None else self.max_drop)
+        for kind, value in (("params", self.target_params), ("macs", self.target_macs), ("latency", self.target_latency)):
+            if value is not None:
+                return Target(kind, value)
+        return Target("max-drop", DEFAULT_MAX_DROP if self.max_drop is None else self.max_drop)

@@ -58,24 +58,3 @@ def test_cli_target_latency_reports_prediction(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["predicted_latency_ratio"] <= 0.9
     assert data["latency"]["cpu"][0]["batch"] == 1
-
-
-@pytest.mark.parametrize("kind, measured", [("max-drop", True), ("macs", True), ("latency", True), ("params", False),
-                                             (None, False)])
-def test_every_target_but_size_is_timed_by_default(kind, measured):
-    from onnx_basisprune.config import PruneConfig, Target
-
-    target = None if kind is None else Target(kind, 0.5)
-    assert PruneConfig().measures_latency(target) is measured
-    assert PruneConfig(latency_aware=not measured).measures_latency(target) is not measured  # as asked
-
-
-def test_data_free_macs_budget_splits_only_where_measured_faster():
-    result = prune(MODEL, target_macs=0.6, latency_batches=(1,))
-    assert result.predicted_latency_ratio is not None  # the layers were timed
-    _, table = use_measured_latency(prepare(MODEL), "cpu", block_size("cpu"))  # cached
-    assert any(layer.action == "decomposed" for layer in result.layers)
-    for layer in result.layers:
-        if layer.action == "decomposed":
-            assert layer.kept_rank <= table.break_even_rank(layer.name)
-    assert prune(MODEL, target_params=0.6).predicted_latency_ratio is None  # a size budget is not timed

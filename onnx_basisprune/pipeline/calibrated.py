@@ -26,7 +26,7 @@ from ..errors import BasisPruneError
 from ..io.cost import ModelCost
 from ..io.shapes import unsized_inputs
 from ..plan import ranks
-from ..plan.plans import budget_plan, measured_if_asked, predicted_latency_ratio
+from ..plan.plans import budget_plan, predicted_latency_ratio, use_measured_latency
 from ..plan.search import (CONFIDENCE, Evaluator, Quality, SweepPoint, chance_problem, describe_change, drop_bound,
                            images_to_certify, max_drop_plan, model_predictions, plan_signature)
 from ..runtime.speed_check import check_speed
@@ -310,7 +310,7 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         return dict(plan) if builder is None else builder.decisions(plan)
 
     block = ranks.block_size(config.provider)
-    prepared, table = measured_if_asked(prepared, config, target, block, verbose)
+    prepared, table = _measured_latency(prepared, config, target, block, verbose)
     evaluator = data.evaluator
     sweep: list[SweepPoint] = []
     # The last passing candidate of the search, by plan signature: the search returns it, so it is
@@ -379,6 +379,23 @@ def basis_stage(prepared: Prepared, data: CalibrationData, target: Target, refer
         importance=_importance_summary(scores, plan),
         sweep=sorted(sweep, key=lambda p: p.threshold),
     )
+
+
+def _measured_latency(prepared: Prepared, config: PruneConfig, target: Target, block: int,
+                      verbose: bool) -> tuple[Prepared, LatencyTable | None]:
+    """The preparation with break-even ranks measured on the provider, and the timings, when
+    ``config.measures_latency``; where timing is impossible and was not asked for explicitly
+    (symbolic input size, provider missing), the cost model's ranks with a note."""
+    if not config.measures_latency(target):
+        return prepared, None
+    try:
+        return use_measured_latency(prepared, config.provider, block, config.latency_batches)
+    except (BasisPruneError, ValueError) as exc:
+        if config.latency_aware or target.kind == "latency":
+            raise
+        if verbose:
+            print(f"note: layers not timed ({str(exc).splitlines()[0]}); break-even ranks from the cost model")
+        return prepared, None
 
 
 def _savings(prepared: Prepared, decisions: Mapping[str, Decision], table: LatencyTable | None) -> dict[str, float]:

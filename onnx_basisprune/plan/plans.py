@@ -15,7 +15,6 @@ from ..pipeline.prepared import Prepared, plan_cost
 from . import ranks
 
 if TYPE_CHECKING:
-    from ..config import PruneConfig, Target
     from ..runtime.latency import LatencyTable
 
 
@@ -56,23 +55,6 @@ def use_measured_latency(
         if ranks_at:
             measured[name] = min(ranks_at)
     return prepared.with_layer_values("measured_break_even", measured), tables[0]
-
-
-def measured_if_asked(prepared: Prepared, config: PruneConfig, target: Target | None, block: int,
-                      verbose: bool = True) -> tuple[Prepared, LatencyTable | None]:
-    """The preparation with break-even ranks measured on the provider, and the timings, when
-    ``config.measures_latency(target)``; where timing is impossible and was not asked for
-    explicitly (symbolic input size, provider missing), the cost model's ranks with a note."""
-    if not config.measures_latency(target):
-        return prepared, None
-    try:
-        return use_measured_latency(prepared, config.provider, block, config.latency_batches)
-    except (BasisPruneError, ValueError) as exc:
-        if config.latency_aware or target.kind == "latency":
-            raise
-        if verbose:
-            print(f"note: layers not timed ({str(exc).splitlines()[0]}); break-even ranks from the cost model")
-        return prepared, None
 
 
 def predicted_latency_ratio(prepared: Prepared, plan: Mapping[str, Decision], table: LatencyTable) -> float:
