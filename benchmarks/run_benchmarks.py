@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -542,8 +541,10 @@ def _machines(records: list[dict], env: dict) -> str:
 
 
 def write_results(out: Path, target: Path = RESULTS_MD) -> None:
-    if (MODELS / TRANSFER_JSON).exists():
-        shutil.copyfile(MODELS / TRANSFER_JSON, out / TRANSFER_JSON)
+    if (MODELS / TRANSFER_JSON).exists():  # this machine's builds replace their own records, not the others'
+        kept = json.loads((out / TRANSFER_JSON).read_text()) if (out / TRANSFER_JSON).exists() else {}
+        built = json.loads((MODELS / TRANSFER_JSON).read_text())
+        (out / TRANSFER_JSON).write_text(json.dumps({**kept, **built}, indent=2) + "\n")
     names = [c.name for c in cases(SHARED)] + [QUICK.name]  # the folder holds other records too (cost_model.json)
     records = [json.loads((out / f"{name}.json").read_text()) for name in names if (out / f"{name}.json").exists()]
     env = records[0]["environment"] if records else environment()

@@ -42,6 +42,20 @@ def test_quick_benchmark_writes_results(shared_dir, tmp_path):
     assert (tmp_path / f"{run_benchmarks.QUICK.name}.png").stat().st_size > 10_000
 
 
+def test_results_keep_the_transfer_records_of_models_built_elsewhere(tmp_path, monkeypatch):
+    import run_benchmarks
+
+    models, out = tmp_path / "models", tmp_path / "results"
+    models.mkdir(), out.mkdir()
+    (models / run_benchmarks.TRANSFER_JSON).write_text(json.dumps({"b": {"built": "here"}}))
+    (out / run_benchmarks.TRANSFER_JSON).write_text(json.dumps({"a": {"built": "elsewhere"}, "b": {"built": "before"}}))
+    monkeypatch.setattr(run_benchmarks, "MODELS", models)
+    monkeypatch.setattr(run_benchmarks, "transfer_markdown", lambda record: [])  # the table is not under test
+    run_benchmarks.write_results(out, out / "RESULTS.md")
+    assert json.loads((out / run_benchmarks.TRANSFER_JSON).read_text()) == {"a": {"built": "elsewhere"},
+                                                                             "b": {"built": "here"}}
+
+
 def test_cost_model_fit_recovers_known_constants():
     """The fit behind benchmarks/cost_model.py: timings made from a known time per MAC, node
     overhead and traffic per element give those constants back, in MACs."""
