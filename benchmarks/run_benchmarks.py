@@ -541,10 +541,10 @@ def _machines(records: list[dict], env: dict) -> str:
 
 
 def write_results(out: Path, target: Path = RESULTS_MD) -> None:
+    transfer = json.loads((out / TRANSFER_JSON).read_text()) if (out / TRANSFER_JSON).exists() else {}
     if (MODELS / TRANSFER_JSON).exists():  # this machine's builds replace their own records, not the others'
-        kept = json.loads((out / TRANSFER_JSON).read_text()) if (out / TRANSFER_JSON).exists() else {}
-        built = json.loads((MODELS / TRANSFER_JSON).read_text())
-        (out / TRANSFER_JSON).write_text(json.dumps({**kept, **built}, indent=2) + "\n")
+        transfer |= json.loads((MODELS / TRANSFER_JSON).read_text())
+        (out / TRANSFER_JSON).write_text(json.dumps(transfer, indent=2) + "\n")
     names = [c.name for c in cases(SHARED)] + [QUICK.name]  # the folder holds other records too (cost_model.json)
     records = [json.loads((out / f"{name}.json").read_text()) for name in names if (out / f"{name}.json").exists()]
     env = records[0]["environment"] if records else environment()
@@ -569,8 +569,8 @@ def write_results(out: Path, target: Path = RESULTS_MD) -> None:
     if missing and target == RESULTS_MD:
         header += ["Not measured in this results set (no record in `benchmarks/results`): "
                    + "; ".join(f"{c.title} (`--cases {c.name}`)" for c in missing) + ".", ""]
-    if (out / TRANSFER_JSON).exists():
-        header += transfer_markdown(json.loads((out / TRANSFER_JSON).read_text()))
+    if transfer:
+        header += transfer_markdown(transfer)
     body = promise_summary(records) + [case_markdown(r) for r in records]
     target.write_text("\n".join(header) + "\n" + "\n".join(body))
 
