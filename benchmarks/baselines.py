@@ -414,6 +414,9 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, input_name: s
 # --------------------------------------------------------------------------- search
 
 
+_COARSE_STEPS = 20  # grid of the search for a reachable upper end of the bracket
+
+
 @dataclass
 class _Trial:
     x: float
@@ -427,7 +430,11 @@ def _bisect(evaluate: Callable[[float], tuple[float, Any]], target: float, lo: f
     ``target``: a bracketing search (regula falsi with the Illinois correction, each step kept
     inside the bracket, so it converges like bisection on step-shaped curves and faster on smooth
     ones). Stops within ``stop`` of the target or after ``max_steps`` evaluations past the first.
-    Returns the best trial, the (x, fraction) trace, and False when even ``hi`` keeps more than the target."""
+    Returns the best trial, the (x, fraction) trace, and False when no x reaches the target.
+
+    When ``hi`` keeps more than the target the curve may have turned back up near ``hi`` (seen with
+    Torch-Pruning's ``round_to`` on ResNet-56: at high ratios it prunes nothing), so ``hi`` steps
+    down a coarse grid until an x reaches the target and closes the bracket; False when none does."""
     trace: list[tuple[float, float]] = []
 
     def run(x: float) -> _Trial:
@@ -436,8 +443,15 @@ def _bisect(evaluate: Callable[[float], tuple[float, Any]], target: float, lo: f
         return _Trial(x, fraction, artifact)
 
     top = run(hi)
+    closest = top
+    for x in np.linspace(hi, lo, _COARSE_STEPS + 1)[1:-1]:
+        if top.fraction <= target:
+            break
+        top = run(float(x))
+        closest = min(closest, top, key=lambda t: abs(t.fraction - target))
     if top.fraction > target:
-        return top, trace, False
+        return closest, trace, False
+    hi = top.x
     best = top
     g_lo, g_hi, side = 1.0 - target, top.fraction - target, 0
     for _ in range(max_steps):

@@ -195,3 +195,12 @@ def test_bisect_lands_and_reports_unreachable():
     assert ok and abs(best.fraction - 0.5) <= 0.001 and len(trace) < 30
     best, _, ok = B._bisect(f, 0.1, 0.0, 1.0, 0.001, 30)
     assert not ok and best.x == 1.0
+
+
+def test_bisect_finds_the_target_below_a_curve_that_turns_back_up():
+    def f(x):  # keeps 1 - 0.8 x up to x = 0.8, then nothing pruned (Torch-Pruning's round_to at high ratios)
+        return (1.0 - 0.8 * x if x <= 0.8 else 1.0), None
+    best, trace, ok = B._bisect(f, 0.5, 0.0, 1.0, 0.001, 30)
+    assert ok and abs(best.fraction - 0.5) <= 0.001 and trace[0] == (1.0, 1.0)
+    best, _, ok = B._bisect(f, 0.2, 0.0, 1.0, 0.001, 30)
+    assert not ok and abs(best.fraction - 0.36) < 1e-9
