@@ -26,6 +26,8 @@ def test_quick_benchmark_writes_results(shared_dir, tmp_path):
     new, old = run_benchmarks._method(*run_benchmarks.NEW), run_benchmarks._method(*run_benchmarks.OLD)
     operating = next(r for r in rows if r["method"] == "basisprune" and r["target"] == "max-drop 1" and r["criterion"] == new)
     assert operating["params"] < original["params"] and operating["test_accuracy"] is not None
+    size_first = next(r for r in rows if r["target"] == "max-drop 1, --no-latency-aware --no-bench")
+    assert size_first["criterion"] == new and size_first["test_accuracy"] is not None
     for f in run_benchmarks.QUICK.sweep:  # both methods at every budget
         assert {r["criterion"] for r in rows if r["method"] == "basisprune" and r["target"] == f"macs {f:g}"} >= {new, old}
     for r in rows:
